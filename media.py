@@ -1,0 +1,171 @@
+"""Media I/O shared by the datasets, the synthetic twin and the benchmark.
+
+CREMA-D ships every clip twice: ``VideoFlash/NAME.flv`` (480x360 video at 30 fps
+with a stereo 44.1 kHz MP3 track) and ``AudioWAV/NAME.wav`` (16 kHz mono 16-bit
+PCM). This module writes and reads both, and turns audio into the log-mel
+spectrogram and a video frame into the face crop the model sees.
+
+Two FLV readers return the same arrays: PyAV (fast, the default) and moviepy
+(the original code's reader, kept for comparison). A file that is missing or
+cannot be decoded raises ``MediaError`` naming the file.
+"""
+import wave
+
+import av
+import librosa
+import numpy as np
+from PIL import Image
+
+VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS = 480, 360, 30
+AUDIO_RATE = 44100           # FLV audio track
+WAV_RATE = 16000             # AudioWAV files
+VIDEO_BITRATE = 800_000      # close to CREMA-D's ~270 kB for a 2.5 s clip
+AUDIO_BITRATE = 64_000
+
+# Feature parameters of the paper's pipeline.
+CROP_SIZE = 280              # top-centre square crop of the 480x360 frame
+IMAGE_SIZE = 128             # crop resized to 128x128
+MEL = dict(n_fft=2048, win_length=512, hop_length=353, n_mels=256)
+SPEC_FRAMES = 256            # log-mel centre-cropped / reflect-padded to 256 frames
+
+
+class MediaError(RuntimeError):
+    """A clip that is missing or cannot be decoded; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_flv(path, frames, audio):
+    """Write an FLV like CREMA-D's: Sorenson (flv1) video, stereo MP3 audio.
+
+    frames: (T, 360, 480, 3) uint8 RGB at 30 fps.
+    audio: (2, N) or (N,) float in [-1, 1] at 44.1 kHz.
+    Single-threaded encoders keep the output identical across runs.
+    """
+    audio = np.atleast_2d(np.asarray(audio, np.float32))
+    if audio.shape[0] == 1:
+        audio = np.repeat(audio, 2, axis=0)
+    with av.open(str(path), 'w', format='flv') as out:
+        video = out.add_stream('flv1', rate=VIDEO_FPS)
+        video.width, video.height = VIDEO_WIDTH, VIDEO_HEIGHT
+        video.pix_fmt, video.bit_rate = 'yuv420p', VIDEO_BITRATE
+        video.codec_context.thread_count = 1
+        sound = out.add_stream('libmp3lame', rate=AUDIO_RATE, layout='stereo')
+        sound.bit_rate = AUDIO_BITRATE
+        for frame in frames:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+        out.mux(video.encode())
+        hop = 1152  # one MP3 frame
+        for start in range(0, audio.shape[1], hop):
+            chunk = np.ascontiguousarray(audio[:, start:start + hop])
+            frame = av.AudioFrame.from_ndarray(chunk, format='fltp', layout='stereo')
+            frame.sample_rate, frame.pts = AUDIO_RATE, start
+            out.mux(sound.encode(frame))
+        out.mux(sound.encode())
+
+
+def write_wav(path, audio, sample_rate=WAV_RATE):
+    """16-bit PCM mono WAV. audio: (N,) float in [-1, 1]."""
+    pcm = np.round(np.clip(audio, -1, 1) * 32767).astype('<i2')
+    with wave.open(str(path), 'wb') as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_wav(path):
+    """(samples (N,) float32 in [-1, 1], sample_rate) of a 16-bit PCM WAV."""
+    try:
+        with wave.open(str(path), 'rb') as w:
+            if w.getsampwidth() != 2:
+                raise MediaError(f'{path}: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit')
+            pcm = np.frombuffer(w.readframes(w.getnframes()), '<i2')
+            pcm = pcm.reshape(-1, w.getnchannels()).mean(axis=1)
+            return (pcm / 32768).astype(np.float32), w.getframerate()
+    except (OSError, EOFError, wave.Error) as e:
+        raise MediaError(f'cannot read WAV {path}: {e}') from e
+
+
+def read_flv(path, backend='pyav'):
+    """Decode a clip: (frames (T, H, W, 3) uint8 RGB, audio (C, N) float32, fps, rate).
+
+    backend: 'pyav' (fast) or 'moviepy' (the original code's reader).
+    """
+    readers = {'pyav': _read_pyav, 'moviepy': _read_moviepy}
+    if backend not in readers:
+        raise ValueError(f'backend={backend!r} is not one of {", ".join(map(repr, readers))}')
+    try:
+        frames, audio, fps, rate = readers[backend](str(path))
+    except MediaError:
+        raise
+    except Exception as e:  # decoders raise many types; the caller needs the file name
+        raise MediaError(f'cannot decode {path}: {type(e).__name__}: {e}') from e
+    if len(frames) == 0 or audio.shape[-1] == 0:
+        raise MediaError(f'cannot decode {path}: no video frames or no audio samples')
+    return frames, audio, fps, rate
+
+
+def _read_pyav(path):
+    with av.open(path) as container:
+        video = container.streams.video[0]
+        fps = float(video.average_rate)
+        frames, chunks = [], []
+        for frame in container.decode(video=0, audio=0):
+            if isinstance(frame, av.VideoFrame):
+                frames.append(frame.to_ndarray(format='rgb24'))
+            else:
+                rate = frame.sample_rate
+                chunks.append(frame.to_ndarray().reshape(len(frame.layout.channels), -1)
+                              if frame.format.is_planar else
+                              frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T)
+    audio = np.concatenate(chunks, axis=1).astype(np.float32)
+    return np.stack(frames), audio, fps, rate
+
+
+def _read_moviepy(path):
+    from moviepy import VideoFileClip  # slow to import; only the comparison path needs it
+    with VideoFileClip(path) as clip:
+        # Read frames in order from moviepy's ffmpeg pipe: iter_frames() seeks by
+        # time and, rounding t * fps, repeats or skips a frame now and then.
+        reader = clip.reader
+        reader.initialize(0)
+        frames = np.stack([reader.read_frame() for _ in range(reader.n_frames)])
+        rate = clip.audio.fps
+        audio = clip.audio.to_soundarray(fps=rate).T.astype(np.float32)
+        return frames, audio, float(clip.fps), rate
+
+
+# ----------------------------------------------------------------------------- features
+
+def face_crop(frame):
+    """(360, 480, 3) uint8 frame -> (128, 128, 3) uint8 top-centre face crop."""
+    h, w = frame.shape[:2]
+    size = min(CROP_SIZE, h, w)
+    left = (w - size) // 2
+    crop = Image.fromarray(frame[:size, left:left + size])
+    return np.asarray(crop.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+
+
+def centre_index(num_frames):
+    """Index of the frame the evaluation uses."""
+    return num_frames // 2
+
+
+def log_mel(audio, sample_rate=AUDIO_RATE):
+    """Mono audio (N,) -> (256 mels, 256 frames) float32 log-mel power in dB."""
+    spec = librosa.feature.melspectrogram(y=np.asarray(audio, np.float32), sr=sample_rate, **MEL)
+    return fit_frames(librosa.power_to_db(spec)).astype(np.float32)
+
+
+def fit_frames(spec, length=SPEC_FRAMES):
+    """Centre-crop or reflect-pad the time axis (last) of ``spec`` to ``length``."""
+    n = spec.shape[-1]
+    if n >= length:
+        start = (n - length) // 2
+        return spec[..., start:start + length]
+    before = (length - n) // 2
+    pad = [(0, 0)] * (spec.ndim - 1) + [(before, length - n - before)]
+    return np.pad(spec, pad, mode='reflect' if n > 1 else 'edge')
