@@ -369,7 +369,8 @@ def compute_mask_ratios(mask, embedding_dim):
     all 2D channels; complementarity = 100 * min(shared) / max(shared), 0 if both 0.
     """
     flat = mask.detach().reshape(-1)
-    assert flat.numel() == 2 * embedding_dim, f'mask has {flat.numel()} entries, expected {2 * embedding_dim}'
+    assert flat.numel() == 2 * embedding_dim, (
+        f'mask has {flat.numel()} entries, expected {2 * embedding_dim}')
     total = flat.numel()
     ratios = {}
     for k, half in enumerate((flat[:embedding_dim], flat[embedding_dim:]), start=1):

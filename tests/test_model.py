@@ -1,0 +1,362 @@
+"""Tests for model.py: shapes, masks, quantizers, state handling, builders, parity.
+
+Small widths keep the file fast on CPU; only the parity test builds paper size.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M  # conftest.py puts the repository root on sys.path
+
+SMALL = {'num_hiddens': 16, 'num_residual_hiddens': 8, 'num_residual_layers': 1,
+         'embedding_dim': 8, 'num_embeddings': 16}
+D, K, B, C = SMALL['embedding_dim'], SMALL['num_embeddings'], 2, 6
+SMALL_CFG = {**M.PAPER_CONFIG, **SMALL}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def batch(b=B):
+    """image (b, 3, 128, 128) in [0, 1], audio (b, 1, 256, 256)."""
+    return torch.rand(b, 3, 128, 128), torch.randn(b, 1, 256, 256)
+
+
+def small_model(base_type=0, **kwargs):
+    return M.build_model({**SMALL_CFG, 'base_type': base_type, **kwargs})
+
+
+def train_loss(out, image, audio):
+    """The runner's loss: reconstructions + CE + VQ (+ mask regulariser)."""
+    y = torch.arange(image.shape[0]) % C
+    loss = F.cross_entropy(out.logits, y)
+    if out.recon_image is not None:
+        loss = loss + F.mse_loss(out.recon_image, image) + F.mse_loss(out.recon_audio, audio)
+    if out.vq_loss is not None:
+        loss = loss + out.vq_loss
+    return loss
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize('mode', M.MODES)
+@pytest.mark.parametrize('base_type', M.BASE_TYPES)
+def test_output_shapes(base_type, mode):
+    model = small_model(base_type, mode=mode)
+    image, audio = batch()
+    out = model(image, audio)
+    assert isinstance(out, M.ModelOutput)
+    assert out.logits.shape == (B, C)
+    if base_type in (0, 2):
+        assert out.recon_image.shape == image.shape
+        assert out.recon_audio.shape == audio.shape
+        assert out.quantized_image.shape == out.quantized_audio.shape == (B, D, 32, 32)
+        assert out.indices_image.shape == (B, 32, 32)
+        assert out.vq_loss.ndim == 0
+        assert torch.allclose(out.vq_loss, out.vq_loss_image + out.vq_loss_audio)
+    else:
+        assert out.recon_image is None and out.vq_loss is None
+        assert out.perplexity_image is None
+    has_mask = base_type in (0, 3)
+    assert (model.mask_ratios() is not None) == has_mask
+    assert (model.mask_regularization() is not None) == has_mask
+
+
+def test_baselines_do_not_build_removed_modules():
+    for base_type in (1, 3):
+        backbone = small_model(base_type).backbone
+        assert backbone.quantizers is None and backbone.decoders is None
+    assert small_model(1).solver.mask is None
+    assert small_model(2).solver.mask is None
+    assert small_model(3).solver.mask is not None
+    assert set(small_model(1, mode='audio-only').backbone.encoders) == {'audio'}
+    assert set(small_model(4, mode='image-only').nets) == {'image'}
+
+
+def test_two_stage_shapes():
+    vqvae = M.build_vqvae(SMALL_CFG)
+    solver = M.build_solver(SMALL_CFG)
+    image, audio = batch()
+    with torch.no_grad():
+        codes = vqvae.eval()(image, audio)
+    assert codes.logits is None and codes.recon_audio.shape == audio.shape
+    out = solver(codes.quantized_image, codes.quantized_audio)
+    assert out.logits.shape == (B, C)
+    assert solver.mask_ratios() is not None
+
+
+def test_feature_model_shapes():
+    model = M.ModelFeat(image_features=10, audio_features=12, embedding_dim=D,
+                        num_embeddings=K, hidden_size=16, num_classes=C)
+    out = model(torch.randn(B, 5, 10), torch.randn(B, 5, 12))
+    assert out.logits.shape == (B, C)
+    assert out.recon_image.shape == (B, 5, 10) and out.recon_audio.shape == (B, 5, 12)
+    assert out.quantized_audio.shape == (B, D, 5)
+    cfg = {**SMALL_CFG, 'dataset': 'RML_feat', 'image_features': 10, 'audio_features': 12}
+    assert isinstance(M.build_model(cfg), M.ModelFeat)
+
+
+def test_codebooks():
+    image_cb, audio_cb = small_model(0).codebooks()
+    assert image_cb.shape == audio_cb.shape == (K, D)
+    assert small_model(1).codebooks() == (None, None)
+    assert small_model(4).codebooks() == (None, None)
+
+
+# ---------------------------------------------------------------- masks
+
+
+RAW = torch.tensor([-0.5, -1e-3, 0.0, 1e-3, 5e-3, 6e-3, 0.2, 3.0])
+
+
+@pytest.mark.parametrize(('name', 'expected'), [
+    ('binarizer', [0, 0, 0, 0, 0, 1, 1, 1]),
+    ('ternarizer', [-1, -1, 0, 0, 0, 1, 1, 1]),
+    ('attention', RAW.tolist()),
+])
+def test_threshold_values(name, expected):
+    mask = M.THRESHOLD_FUNCTIONS[name](RAW, M.DEFAULT_THRESHOLD)
+    assert mask.tolist() == pytest.approx(expected)
+
+
+def test_inverse_binarizer_complements_binarizer():
+    assert torch.equal(M.inverse_binarizer(RAW) + M.binarizer(RAW), torch.ones(8))
+
+
+def test_randomizer_is_binary_and_fresh():
+    raw = torch.zeros(256)
+    first, second = M.randomizer(raw), M.randomizer(raw)
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize('threshold_fn', M.THRESHOLD_FNS)
+def test_mask_receives_gradient(threshold_fn):
+    model = small_model(0, threshold_fn=threshold_fn, mask_init='uniform')
+    image, audio = batch()
+    train_loss(model(image, audio), image, audio).backward()
+    grad = model.solver.mask.grad
+    assert grad is not None and grad.shape == (2 * D, 1, 1)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('threshold_fn', ['binarizer', 'ternarizer'])
+def test_model_mask_values(threshold_fn):
+    model = small_model(0, threshold_fn=threshold_fn, mask_init='uniform', mask_scale=1.0)
+    allowed = {0.0, 1.0} if threshold_fn == 'binarizer' else {-1.0, 0.0, 1.0}
+    assert set(model.solver.thresholded_mask().unique().tolist()) <= allowed
+
+
+def test_ratio_arithmetic_on_hand_set_mask():
+    model = small_model(0)  # D = 8: image half, then audio half
+    image_half = [1, 1, 1, 1, 1, 1, 0, 0]  # 6 shared, 2 private
+    audio_half = [1, 1, 1, 0, 0, 0, 0, 0]  # 3 shared, 5 private
+    model.set_mask(torch.tensor(image_half + audio_half, dtype=torch.float))
+    ratios = model.mask_ratios()
+    assert ratios == pytest.approx({'shared1': 37.5, 'private1': 12.5, 'shared2': 18.75,
+                                    'private2': 31.25, 'complementarity': 50.0})
+    assert model.mask_regularization().item() == pytest.approx(9.0)
+    assert torch.equal(model.get_mask(), torch.tensor(image_half + audio_half,
+                                                      dtype=torch.float))
+    model.set_mask(torch.zeros(2 * D))
+    assert model.mask_ratios()['complementarity'] == 0.0
+
+
+def test_set_and_reset_mask_keep_the_parameter():
+    model = small_model(0, mask_init='1s', mask_scale=0.01)
+    param = model.solver.mask
+    model.set_mask(torch.zeros(2 * D))
+    model.reset_mask()
+    assert model.solver.mask is param
+    assert torch.allclose(model.get_mask(), torch.full((2 * D,), 0.01))
+    with pytest.raises(ValueError, match='no mask'):
+        small_model(1).set_mask(torch.zeros(2 * D))
+
+
+def test_mix_swaps_private_codes_between_neighbours():
+    masker = M.Masker(embedding_dim=2, keep='all', mix=True)
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])  # image: ch0 shared; audio: ch1 shared
+    q = torch.arange(3).float().reshape(3, 1, 1, 1).expand(3, 2, 1, 1)  # sample i -> i
+    q_image, q_audio = masker(q, q, mask)
+    assert q_image[:, 0].flatten().tolist() == [0, 1, 2]  # shared: own
+    assert q_image[:, 1].flatten().tolist() == [1, 2, 0]  # private: sample (i+1) % B
+    assert q_audio[:, 1].flatten().tolist() == [0, 1, 2]
+    assert q_audio[:, 0].flatten().tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize(('keep', 'image_channels'), [
+    ('shared', [1.0, 0.0]), ('private', [0.0, 1.0]), ('all', [1.0, 1.0])])
+def test_masker_keeps_shared_or_private(keep, image_channels):
+    masker = M.Masker(embedding_dim=2, keep=keep)
+    q_image, _ = masker(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1),
+                        torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert q_image.flatten().tolist() == image_channels
+
+
+def test_probe_loads_model_state():
+    trained = small_model(0)
+    probe = M.build_probe(SMALL_CFG, keep='private', mix=True)
+    probe.load_state_dict(trained.state_dict())
+    out = probe.eval()(*batch())
+    assert out.recon_image.shape == (B, 3, 128, 128)
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def make_vq(decay):
+    return M.make_quantizer(num_embeddings=K, embedding_dim=D, commitment_cost=0.25,
+                            decay=decay)
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.9])
+def test_perplexity_bounds_and_straight_through(decay):
+    vq = make_vq(decay)
+    z = torch.randn(4, D, 6, 6, requires_grad=True)
+    codebook = vq.codebook.detach().clone()  # EMA updates it during forward
+    out = vq(z)
+    assert 1.0 - 1e-5 <= out.perplexity.item() <= K + 1e-3
+    assert out.quantized.shape == z.shape and out.indices.shape == (4, 6, 6)
+    codes = codebook[out.indices].movedim(-1, 1)  # (4, D, 6, 6)
+    assert torch.allclose(out.quantized, codes, atol=1e-6)
+    out.quantized.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))  # straight-through
+
+
+def test_single_code_perplexity_is_one():
+    vq = make_vq(0.0)
+    out = vq(vq.codebook[3].detach().reshape(1, D, 1, 1).expand(2, D, 3, 3))
+    assert out.perplexity.item() == pytest.approx(1.0)
+    assert (out.indices == 3).all()
+
+
+def test_plain_codebook_gets_gradient():
+    vq = make_vq(0.0)
+    vq(torch.randn(2, D, 4, 4)).loss.backward()
+    assert vq.embedding.weight.grad.abs().sum() > 0
+
+
+def test_ema_moves_codes_toward_assigned_vectors():
+    vq = make_vq(0.9)
+    z = torch.randn(4, D, 6, 6) + 3.0
+    flat = z.movedim(1, -1).reshape(-1, D)
+    before = vq.codebook.clone()
+    for _ in range(20):
+        out = vq(z)
+    used = out.indices.unique()
+    for code in used.tolist():
+        target = flat[out.indices.flatten() == code].mean(0)
+        assert (vq.codebook[code] - target).norm() < (before[code] - target).norm()
+    assert not vq.embedding.requires_grad and not list(vq.parameters())
+
+
+def test_ema_is_frozen_in_eval_mode():
+    vq = make_vq(0.9).eval()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(2, D, 4, 4))
+    assert all(torch.equal(state[k], v) for k, v in vq.state_dict().items())
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.9])
+def test_quantizer_is_fp32_under_autocast(decay):
+    vq = make_vq(decay)
+    with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
+        out = vq(torch.randn(2, D, 4, 4).bfloat16())
+    assert out.quantized.dtype == torch.float32 and out.loss.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.99])
+def test_optimizer_parameters_stay_the_modules(decay):
+    model = small_model(0, decay=decay, threshold_fn='ternarizer')
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image, audio = batch()
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(image, audio)
+        loss = train_loss(out, image, audio) + 1e-4 * model.mask_regularization()
+        loss.backward()
+        optimizer.step()
+    held = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert held == {id(p) for p in model.parameters()}
+    assert all(id(p) in held for p in optimizer.state)
+
+
+@pytest.mark.parametrize('base_type', M.BASE_TYPES)
+def test_state_dict_round_trip(base_type):
+    model = small_model(base_type)
+    image, audio = batch()
+    model(image, audio)  # one training step's worth of EMA / BN updates
+    fresh = small_model(base_type)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = model.eval()(image, audio), fresh.eval()(image, audio)
+    assert torch.equal(a.logits, b.logits)
+    if a.recon_audio is not None:
+        assert torch.equal(a.recon_audio, b.recon_audio)
+
+
+@pytest.mark.parametrize('base_type', [0, 3])
+def test_eval_outputs_are_deterministic(base_type):
+    model = small_model(base_type).eval()
+    image, audio = batch()
+    with torch.no_grad():
+        first, second = model(image, audio), model(image, audio)
+    assert torch.equal(first.logits, second.logits)
+
+
+# ---------------------------------------------------------------- builders
+
+
+@pytest.mark.parametrize(('key', 'value', 'listed'), [
+    ('threshold_fn', 'foo', "'binarizer', 'ternarizer', 'attention', 'randomizer'"),
+    ('mode', 'video-only', "'multimodal', 'image-only', 'audio-only'"),
+    ('mask_init', 'zeros', "'1s', 'uniform'"),
+    ('base_type', 5, '0, 1, 2, 3, 4'),
+    ('base_type', True, '0, 1, 2, 3, 4'),
+    ('dataset', 'IEMOCAP', "'CREMA-D', 'RML', 'RML_feat', 'EmoVoxCeleb'"),
+])
+def test_build_model_rejects_bad_values(key, value, listed):
+    with pytest.raises(ValueError) as err:
+        M.build_model({**SMALL_CFG, key: value})
+    assert f'{key}={value!r} is not one of {listed}' in str(err.value)
+
+
+def test_build_model_rejects_missing_keys_and_bad_numbers():
+    cfg = dict(SMALL_CFG)
+    del cfg['decay']
+    with pytest.raises(ValueError, match='missing decay'):
+        M.build_model(cfg)
+    with pytest.raises(ValueError, match='decay'):
+        M.build_model({**SMALL_CFG, 'decay': 1.0})
+    with pytest.raises(ValueError, match='two-stage'):
+        M.build_solver({**SMALL_CFG, 'base_type': 4})
+
+
+def test_build_model_ignores_extra_keys_and_defaults_threshold():
+    model = M.build_model({**SMALL_CFG, 'learning_rate': 1e-3, 'threshold': None})
+    assert model.solver.threshold == M.DEFAULT_THRESHOLD
+
+
+def test_constructors_are_keyword_only():
+    with pytest.raises(TypeError):
+        M.Model('multimodal')
+    with pytest.raises(TypeError):
+        M.TaskSolver('multimodal')
+
+
+# ---------------------------------------------------------------- parity
+
+
+def test_paper_parameter_counts():
+    assert M.parity_counts() == {
+        'Model decay=0': 2_000_842, 'Model decay=0.99': 1_935_306,
+        'Model image-only decay=0': 1_982_410, 'Model audio-only decay=0': 1_982_410,
+        'base_type 1': 1_322_854, 'base_type 2 decay=0': 2_000_714,
+        'base_type 3': 1_322_982, 'base_type 4': 22_611_206,
+    }
