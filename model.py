@@ -471,6 +471,16 @@ class _MaskedSolver(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+def _mlp_head(in_features, num_classes, dropout):
+    """(B, ...) -> flatten -> fc 256, BN, ReLU, dropout -> fc num_classes."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(256, num_classes),
+    )
+
+
 class TaskSolver(_MaskedSolver):
     """Emotion classifier on masked codes: (B, D, 32, 32) x 2 -> logits (B, C).
 
@@ -502,16 +512,6 @@ class TaskSolver(_MaskedSolver):
 
     def forward(self, q_image, q_audio):
         return self.classifier(self.features(self.masked_codes(q_image, q_audio)))
-
-
-def _mlp_head(in_features, num_classes, dropout):
-    """(B, ...) -> flatten -> fc 256, BN, ReLU, dropout -> fc num_classes."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(256, num_classes),
-    )
 
 
 class TaskSolverFeat(_MaskedSolver):
@@ -697,8 +697,8 @@ class ModelBaseline(_SolverModel):
 
     def __init__(self, *, base_type, **kwargs):
         check_choice('base_type', base_type, (1, 2, 3))
-        self.base_type = base_type
         super().__init__(quantize=base_type == 2, masked=base_type == 3, **kwargs)
+        self.base_type = base_type
 
 
 class ModelComparison(_ModelBase):
