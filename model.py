@@ -36,6 +36,7 @@ Every model has (None / no-op when it has no mask or no codebook):
 Parity note: the TaskSolver's residual stack (on D/2 channels) uses D // 8 hidden
 channels, a quarter of its width like the encoders' 32-of-128; this is what the
 published parameter counts require (2,000,842 for Model with decay=0).
+`python3 model.py` prints the paper-size counts (checked in tests/test_model.py).
 """
 from __future__ import annotations
 
