@@ -1,0 +1,328 @@
+"""Datasets: CREMA-D items from split configs, with a decode-once cache.
+
+A split config (written by ``read_cremad.py``) is a folder with
+``{split}_videos.pkl`` (list of FLV paths) and ``{split}_labels.pkl`` (the 8
+aligned label lists of ``LABEL_NAMES``). An item is
+
+    (image (3, 128, 128) float32 in [0, 1], spectrogram (1, 256, 256) float32,
+     emotion, race, gender, sentence)          # labels as Python ints
+
+The image is one face crop near the clip's centre frame: at random within
++-frame_jitter frames when training, the centre frame itself when evaluating.
+
+Decoding an FLV costs ~15 ms (PyAV) to ~170 ms (moviepy), so by default every
+clip is decoded once into a cache of memory-mapped arrays:
+
+    cache_dir/<sha1 fingerprint>/frames.npy  (N, 2*jitter+1, 128, 128, 3) uint8
+    cache_dir/<sha1 fingerprint>/specs.npy   (N, 256, 256) float32 log-mel (dB)
+    cache_dir/<sha1 fingerprint>/meta.json   paths, parameters, format version
+
+``frames[i, jitter]`` is clip i's centre frame; indices outside a short clip are
+clamped (edge frames repeat). The fingerprint covers the resolved paths, their
+sizes and mtimes, and every preprocessing parameter, so a changed clip or
+parameter gives a new folder. A cache is built in a temporary folder and renamed
+only when complete, so an interrupted build is never used. Cached and uncached
+items are identical (same decode, same float32 features).
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import media
+
+CACHE_VERSION = 1
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+# CREMA-D label vocabularies; a label is the index of its value in these tuples
+# (actor: ID - 1001; age: decade index 20s..60s, clamped).
+SENTENCES = ('IEO', 'TIE', 'IOM', 'IWW', 'TAI', 'MTI', 'IWL', 'ITH', 'DFA', 'ITS', 'TSI', 'WSI')
+EMOTIONS = ('ANG', 'DIS', 'FEA', 'HAP', 'NEU', 'SAD')
+LEVELS = ('LO', 'MD', 'HI', 'XX')
+AGES = ('20s', '30s', '40s', '50s', '60s')
+GENDERS = ('Male', 'Female')
+RACES = ('African American', 'Asian', 'Caucasian', 'Unknown')
+ETHNICITIES = ('Not Hispanic', 'Hispanic')
+FIRST_ACTOR = 1001
+# Order of the 8 label lists in {split}_labels.pkl.
+LABEL_NAMES = ('actor', 'sentence', 'emo', 'level', 'age', 'gender', 'race', 'ethnic')
+ACTOR, SENTENCE, EMOTION, LEVEL, AGE, GENDER, RACE, ETHNIC = range(8)
+
+
+def parse_name(name):
+    """'1001_DFA_ANG_XX' (or a path to it) -> (actor 0.., sentence, emotion, level) indices."""
+    stem = Path(name).stem
+    try:
+        actor, sentence, emotion, level = stem.split('_')
+        return (int(actor) - FIRST_ACTOR, SENTENCES.index(sentence),
+                EMOTIONS.index(emotion), LEVELS.index(level))
+    except ValueError:
+        raise ValueError(f'{name!r} is not a CREMA-D clip name like 1001_DFA_ANG_XX') from None
+
+
+# ----------------------------------------------------------------------------- paths
+
+def remap_path(path, root):
+    """'<anything>/VideoFlash/NAME.flv' -> 'root/VideoFlash/NAME.flv'."""
+    parts = Path(str(path).replace('\\', '/'))
+    if parts.parent.name != 'VideoFlash':
+        raise ValueError(f'cannot remap {path!r} onto root={root!r}: '
+                         'expected a path ending in VideoFlash/NAME.flv')
+    return os.path.join(root, 'VideoFlash', parts.name)
+
+
+def resolve_paths(paths, root=None):
+    """Paths as stored (relative ones are relative to the current dir), or remapped onto root."""
+    return [str(p) if root is None else remap_path(p, root) for p in paths]
+
+
+def load_split(data_path, split):
+    """(paths, labels) of a split config; labels: list of 8 int lists."""
+    files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f'split config file {f} does not exist '
+                                    '(build it with read_cremad.py)')
+    with open(files[0], 'rb') as f:
+        paths = pickle.load(f)
+    with open(files[1], 'rb') as f:
+        labels = pickle.load(f)
+    return list(paths), [list(map(int, x)) for x in labels]
+
+
+def check_aligned(paths, labels, where=''):
+    """Raise ValueError unless labels (8 lists) match paths in length and name-derived labels."""
+    if len(labels) != len(LABEL_NAMES):
+        raise ValueError(f'{where}: expected {len(LABEL_NAMES)} label lists '
+                         f'({", ".join(LABEL_NAMES)}), got {len(labels)}')
+    for name, values in zip(LABEL_NAMES, labels, strict=True):
+        if len(values) != len(paths):
+            raise ValueError(f'{where}: {len(paths)} paths but {len(values)} {name} labels')
+    for i, path in enumerate(paths):
+        # actor, sentence, emotion, level are also spelled in the file name
+        got = tuple(labels[k][i] for k in (ACTOR, SENTENCE, EMOTION, LEVEL))
+        if got != parse_name(path):
+            raise ValueError(f'{where}: labels of item {i} {got} (actor, sentence, emotion, '
+                             f'level) do not match its file name {path}')
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def window_indices(num_frames, jitter):
+    """Frame indices centre-jitter .. centre+jitter, clamped to the clip: (2*jitter+1,)."""
+    centre = media.centre_index(num_frames)
+    return np.clip(np.arange(centre - jitter, centre + jitter + 1), 0, num_frames - 1)
+
+
+def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None):
+    """Decode one clip -> (faces (W, 128, 128, 3) uint8, log-mel (256, 256) float32).
+
+    offsets: frame offsets from the centre to crop (default: the whole window
+    -jitter..+jitter, W = 2*jitter+1). Out-of-clip indices are clamped.
+    """
+    frames, audio, _, rate = media.read_flv(path, backend)
+    indices = window_indices(len(frames), frame_jitter)
+    if offsets is not None:
+        indices = indices[np.asarray(offsets) + frame_jitter]
+    faces = np.stack([media.face_crop(frames[k]) for k in indices])
+    return faces, media.log_mel(audio.mean(axis=0), rate)
+
+
+def to_image(face):
+    """(128, 128, 3) uint8 -> (3, 128, 128) float32 tensor in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(face)).permute(2, 0, 1).float().div_(255)
+
+
+def to_spectrogram(spec):
+    """(256, 256) array -> (1, 256, 256) float32 tensor (copies out of a memmap)."""
+    return torch.from_numpy(np.array(spec, dtype=np.float32))[None]
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_params(frame_jitter=15, backend='pyav'):
+    """Every parameter the cached arrays depend on."""
+    return {'version': CACHE_VERSION, 'crop_size': media.CROP_SIZE,
+            'image_size': media.IMAGE_SIZE, 'mel': media.MEL, 'spec_frames': media.SPEC_FRAMES,
+            'frame_jitter': frame_jitter, 'backend': backend, 'spec_dtype': 'float32'}
+
+
+def fingerprint(paths, params):
+    """sha1 of the resolved paths, their sizes and mtimes, and the parameters."""
+    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise media.MediaError(f'clip {path} is missing: {e.strerror}') from None
+        h.update(f'{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()
+
+
+def build_cache(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
+                workers=DEFAULT_WORKERS, progress=True):
+    """Decode every clip once into cache_dir/<fingerprint>/; return that folder (a Path).
+
+    Reuses a complete cache with the same fingerprint. Raises MediaError naming a
+    missing or undecodable clip (and leaves no partial cache behind).
+    """
+    params = cache_params(frame_jitter, backend)
+    final = Path(cache_dir) / fingerprint(paths, params)
+    if (final / 'meta.json').is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'{final.name}.tmp-', dir=final.parent))
+    try:
+        _fill_cache(tmp, paths, params, workers, progress)
+        _write_json(tmp / 'meta.json', {'params': params, 'count': len(paths),
+                                        'paths': [os.path.realpath(p) for p in paths]})
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same cache first
+            if not (final / 'meta.json').is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fill_cache(folder, paths, params, workers, progress):
+    width = 2 * params['frame_jitter'] + 1
+    size = params['image_size']
+    # Workers write straight into the memory-mapped files; only indices travel back.
+    np.lib.format.open_memmap(folder / 'frames.npy', 'w+', np.uint8,
+                              (len(paths), width, size, size, 3))
+    np.lib.format.open_memmap(folder / 'specs.npy', 'w+', np.float32,
+                              (len(paths), params['mel']['n_mels'], params['spec_frames']))
+    jobs = [(i, p, params['frame_jitter'], params['backend']) for i, p in enumerate(paths)]
+    media.log_mel(np.zeros(media.AUDIO_RATE, np.float32))  # librosa's lazy set-up, before forking
+    bar = tqdm(total=len(paths), desc='decode-once cache', unit='clip', disable=not progress)
+    with bar:
+        if workers <= 1 or len(paths) <= 1:
+            _open_cache(folder)
+            for job in jobs:
+                _cache_one(job)
+                bar.update()
+        else:
+            with multiprocessing.Pool(workers, _open_cache, (folder,)) as pool:
+                for _ in pool.imap_unordered(_cache_one, jobs):
+                    bar.update()
+    _open_cache(None)
+
+
+_worker_arrays = {}  # per process: the memmaps being filled
+
+
+def _open_cache(folder):
+    _worker_arrays.clear()
+    if folder is not None:
+        for name in ('frames', 'specs'):
+            _worker_arrays[name] = np.load(Path(folder) / f'{name}.npy', mmap_mode='r+')
+
+
+def _cache_one(job):
+    i, path, jitter, backend = job
+    faces, spec = decode_clip(path, jitter, backend)
+    _worker_arrays['frames'][i] = faces
+    _worker_arrays['specs'][i] = spec
+    for array in _worker_arrays.values():
+        array.flush()
+    return i
+
+
+def _write_json(path, obj):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class CREMADDataset(Dataset):
+    """CREMA-D items of one split config; see the module docstring.
+
+    data_path: split config folder (only read). root: a local CREMA-D checkout
+    to remap the stored paths onto (None: use them as stored). train: random
+    training frame (default: split == 'train'). cache: decode once into
+    cache_dir (built here, in parallel) or decode each item (backend 'pyav' or
+    'moviepy').
+    """
+
+    def __init__(self, data_path, split, *, train=None, root=None, cache=True,
+                 cache_dir='cache', frame_jitter=15, backend='pyav',
+                 workers=DEFAULT_WORKERS, progress=True):
+        paths, labels = load_split(data_path, split)
+        check_aligned(paths, labels, where=f'{data_path} split {split!r}')
+        self.paths = resolve_paths(paths, root)
+        self.labels = np.asarray(labels, dtype=np.int64).T.reshape(len(paths), 8)  # (N, 8)
+        self.train = split == 'train' if train is None else train
+        self.frame_jitter, self.backend = frame_jitter, backend
+        self.cache_path = None
+        if cache:
+            self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
+                                          backend=backend, workers=workers, progress=progress)
+        self._arrays = None  # opened lazily, per process (DataLoader workers)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        offset = self._frame_offset()
+        if self.cache_path is None:
+            faces, spec = decode_clip(self.paths[i], self.frame_jitter, self.backend, [offset])
+            face = faces[0]
+        else:
+            arrays = self.arrays()
+            face, spec = arrays['frames'][i, offset + self.frame_jitter], arrays['specs'][i]
+        label = self.labels[i]
+        return (to_image(face), to_spectrogram(spec), int(label[EMOTION]), int(label[RACE]),
+                int(label[GENDER]), int(label[SENTENCE]))
+
+    def _frame_offset(self):
+        """Training: uniform in -jitter..jitter (torch RNG, so seeding works); else 0."""
+        if not self.train or self.frame_jitter == 0:
+            return 0
+        return int(torch.randint(-self.frame_jitter, self.frame_jitter + 1, ()))
+
+    def arrays(self):
+        """{'frames': (N, W, 128, 128, 3) uint8, 'specs': (N, 256, 256) float32 memmaps,
+        'labels': (N, 8) int64}; only for a cached dataset."""
+        if self.cache_path is None:
+            raise RuntimeError('arrays() needs the decode-once cache (cache=True)')
+        if self._arrays is None:
+            self._arrays = {name: np.load(self.cache_path / f'{name}.npy', mmap_mode='r')
+                            for name in ('frames', 'specs')}
+            self._arrays['labels'] = self.labels
+        return self._arrays
+
+    def __getstate__(self):
+        # Memmaps must not be pickled into DataLoader workers (they would be copied).
+        return {**self.__dict__, '_arrays': None}
+
+
+# ----------------------------------------------------------------------------- registry
+
+DATASETS = {'CREMA-D': CREMADDataset}
+PLANNED = ('RML', 'RML_feat', 'RML_probe', 'EmoVoxCeleb')  # not implemented yet
+NUM_CLASSES = {'CREMA-D': 6, 'RML': 6, 'RML_feat': 6, 'RML_probe': 6,
+               'EmoVoxCeleb': 8}  # EmoVoxCeleb: the 8 FER+ emotions
+
+
+def get_dataset(name, *args, **kwargs):
+    """Instantiate dataset ``name`` (a key of DATASETS) with the given arguments."""
+    if name in DATASETS:
+        return DATASETS[name](*args, **kwargs)
+    if name in PLANNED:
+        raise NotImplementedError(f'dataset {name!r} is not implemented yet '
+                                  f'(implemented: {", ".join(DATASETS)})')
+    raise ValueError(f'unknown dataset {name!r}; known: {", ".join([*DATASETS, *PLANNED])}')

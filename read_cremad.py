@@ -1,0 +1,285 @@
+"""Build CREMA-D split configs: a CREMA-D tree -> data_path/.
+
+    python read_cremad.py [--root=DIR] [--data_path=DIR] [--seed=0] [--split_by=actor] ...
+
+Writes, for split in train / val / test:
+    {split}_videos.pkl  list of FLV paths, 'root/VideoFlash/NAME.flv' with root as
+                        given: a relative root gives paths relative to the current
+                        directory (like the original; run from the repo dir), an
+                        absolute root gives absolute paths. CREMADDataset(root=...)
+                        remaps them onto another checkout.
+    {split}_labels.pkl  the 8 label lists of datasets.LABEL_NAMES, aligned with the paths
+    {split}_stats.txt   class counts per label
+and train_image_var.pkl / train_audio_var.pkl (floats: variance of the training
+clips' evaluation face crops in [0, 1] and of their log-mels) and split.json
+(seed, split_by, sizes, root, dropped clips).
+
+The clip list is the tree's SentenceFilenames.csv. Clips are split first (so the
+published sizes 5954 / 744 / 744 of all 7,442 names hold for any seed) and then
+faulty clips and clips with no FLV are dropped from both paths and labels.
+"""
+import json
+import os
+import pickle
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+import datasets
+
+# ----------------------------------------------------------------------------- config
+root = 'synth_cremad/CREMA-D'   # CREMA-D checkout (VideoFlash/, CSVs); default: the twin
+data_path = 'data_cremad'       # output folder of the split configs
+seed = 0                        # split seed
+split_by = 'clip'               # 'clip' (the paper: actors overlap) or 'actor' (disjoint actors)
+split_sizes = (5954, 744, 744)  # train, val, test of 7,442 clips; scaled for other counts
+faulty = ('1064_TIE_SAD_XX', '1064_IEO_DIS_MD', '1076_MTI_NEU_XX', '1076_MTI_SAD_XX')
+overwrite = False               # True: replace the files of an existing data_path
+workers = datasets.DEFAULT_WORKERS  # processes decoding clips for the variances
+cache = True                    # compute the variances through the decode-once cache
+cache_dir = 'cache'             # where that cache lives (reused by training)
+frame_jitter = 15               # training frame window of the cache: centre +- jitter
+backend = 'pyav'                # FLV reader: 'pyav' or 'moviepy' (the original's)
+progress = True                 # progress bars
+# -----------------------------------------------------------------------------
+CHOICES = {'split_by': ('clip', 'actor'), 'backend': ('pyav', 'moviepy')}
+SPLITS = ('train', 'val', 'test')
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def read_names(root):
+    """Clip names listed in root/SentenceFilenames.csv, in file order."""
+    return list(pd.read_csv(Path(root) / 'SentenceFilenames.csv')['Filename'])
+
+
+def read_demographics(path):
+    """VideoDemographics.csv (or the folder holding it) -> {actor ID: row dict}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / 'VideoDemographics.csv'
+    table = pd.read_csv(path)
+    return {int(row['ActorID']): row for row in table.to_dict('records')}
+
+
+def clip_labels(name, demographics):
+    """The 8 int labels of datasets.LABEL_NAMES for clip ``name``."""
+    actor, sentence, emotion, level = datasets.parse_name(name)
+    person = demographics.get(actor + datasets.FIRST_ACTOR)
+    if person is None:
+        raise KeyError(f'actor of {name} is not in VideoDemographics.csv')
+    age = min(max(int(person['Age']) // 10 - 2, 0), len(datasets.AGES) - 1)
+    return [actor, sentence, emotion, level, age, datasets.GENDERS.index(person['Sex']),
+            datasets.RACES.index(person['Race']), datasets.ETHNICITIES.index(person['Ethnicity'])]
+
+
+def encode_labels(names, demographics):
+    """Names -> the 8 aligned label lists."""
+    rows = [clip_labels(n, demographics) for n in names]
+    return [[row[k] for row in rows] for k in range(len(datasets.LABEL_NAMES))]
+
+
+# ----------------------------------------------------------------------------- planning
+
+def split_counts(n, sizes=(5954, 744, 744)):
+    """Split n items in the proportions of sizes: (train, val, test), val/test >= 1 if n >= 3."""
+    total = sum(sizes)
+    val, test = (round(n * s / total) for s in sizes[1:])
+    if n >= 3:
+        val, test = max(val, 1), max(test, 1)
+    return n - val - test, val, test
+
+
+def plan_splits(names, demographics, *, seed=0, split_by='clip', sizes=(5954, 744, 744),
+                drop=()):
+    """Assign clip names to splits; a pure function of its arguments.
+
+    Returns ({split: names in random order}, dropped), dropped = the names of
+    ``drop`` that were listed, removed after splitting. split_by='clip' splits
+    the shuffled names in the proportions of ``sizes``; 'actor' splits the
+    shuffled actors in those proportions (each split at least one actor), so
+    no actor is in two splits and the clip counts are approximate.
+    """
+    names = sorted(set(names))
+    unknown = sorted({n.split('_')[0] for n in names} - {str(a) for a in demographics})
+    if unknown:
+        raise KeyError(f'actors {", ".join(unknown)} are not in VideoDemographics.csv')
+    rng = np.random.default_rng(seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    if split_by == 'clip':
+        bounds = np.cumsum(split_counts(len(order), sizes))
+        parts = np.split(np.array(order, dtype=object), bounds[:-1])
+    elif split_by == 'actor':
+        actors = sorted({n.split('_')[0] for n in names})
+        if len(actors) < 3:
+            raise ValueError(f"split_by='actor' needs >= 3 actors, got {len(actors)}")
+        actors = [actors[i] for i in rng.permutation(len(actors))]
+        bounds = np.cumsum(split_counts(len(actors), sizes))
+        owner = {a: k for k, group in enumerate(np.split(np.array(actors), bounds[:-1]))
+                 for a in group}
+        parts = [[n for n in order if owner[n.split('_')[0]] == k] for k in range(3)]
+    else:
+        raise ValueError(f"split_by={split_by!r} is not 'clip' or 'actor'")
+    drop = set(drop)
+    splits = {s: [n for n in part if n not in drop] for s, part in zip(SPLITS, parts, strict=True)}
+    return splits, sorted(drop.intersection(names))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def format_stats(labels, split):
+    """Class counts per label, in the published {split}_stats.txt format."""
+    classes = {'actor': None, 'sentence': datasets.SENTENCES, 'emo': datasets.EMOTIONS,
+               'level': datasets.LEVELS, 'age': datasets.AGES, 'gender': datasets.GENDERS,
+               'race': datasets.RACES, 'ethnic': datasets.ETHNICITIES}
+    lines = ['']
+    for name, values in zip(datasets.LABEL_NAMES, labels, strict=True):
+        counts, total = Counter(values), len(values)
+        names = classes[name] or [f'{k + 1:02d}' for k in range(max(values, default=-1) + 1)]
+        lines.append(f'* {name}')
+        for k, cls in enumerate(names):
+            share = 100 * counts[k] / total if total else 0.0
+            lines.append(f'- Class {cls}: {counts[k]} samples, {share:.2f} %')
+        lines.append(f'Total {name} {split} samples: {total}')
+    return '\n'.join(lines) + '\n'
+
+
+def write_atomic(path, data):
+    """Write bytes or str to path via a temporary file and os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    with os.fdopen(fd, 'wb') as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+class RunningVariance:
+    """Variance of all values fed in chunks, in constant memory (Chan et al. merge)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values):
+        values = np.asarray(values, dtype=np.float64).ravel()
+        n = values.size
+        if n == 0:
+            return
+        mean = values.mean()
+        m2 = ((values - mean) ** 2).sum()
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def variance(self):
+        return self.m2 / self.count if self.count else float('nan')
+
+
+def compute_variances(paths, *, cache=True, cache_dir='cache', frame_jitter=15, backend='pyav',
+                      workers=datasets.DEFAULT_WORKERS, progress=True, chunk=64):
+    """(image_var, audio_var): variance over all pixels in [0, 1] of the evaluation
+    (centre) face crops and over all log-mel values of the clips at ``paths``."""
+    image, audio = RunningVariance(), RunningVariance()
+    if cache:  # decode each clip once, into the cache training will reuse
+        folder = datasets.build_cache(paths, cache_dir, frame_jitter=frame_jitter,
+                                      backend=backend, workers=workers, progress=progress)
+        frames = np.load(folder / 'frames.npy', mmap_mode='r')  # (N, W, 128, 128, 3)
+        specs = np.load(folder / 'specs.npy', mmap_mode='r')    # (N, 256, 256)
+        for start in tqdm(range(0, len(paths), chunk), desc='variances', disable=not progress):
+            image.update(frames[start:start + chunk, frame_jitter] / 255)
+            audio.update(specs[start:start + chunk])
+    else:
+        items = _decode_centres(paths, backend, workers)
+        for face, spec in tqdm(items, total=len(paths), desc='variances', unit='clip',
+                               disable=not progress):
+            image.update(face / 255)
+            audio.update(spec)
+    return float(image.variance), float(audio.variance)
+
+
+def _decode_centres(paths, backend, workers):
+    """Yield (centre face crop (128, 128, 3) uint8, log-mel (256, 256)) per clip, in order."""
+    jobs = [(p, backend) for p in paths]
+    if workers <= 1:
+        yield from map(_decode_centre, jobs)
+        return
+    import multiprocessing
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap(_decode_centre, jobs, chunksize=4)
+
+
+def _decode_centre(job):
+    path, backend = job
+    faces, spec = datasets.decode_clip(path, 0, backend)
+    return faces[0], spec
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 744),
+                 faulty=faulty, overwrite=False, workers=datasets.DEFAULT_WORKERS, cache=True,
+                 cache_dir='cache', frame_jitter=15, backend='pyav', progress=True):
+    """Write the split configs of the CREMA-D tree ``root`` into ``data_path``.
+
+    Refuses (FileExistsError) to write into a non-empty data_path unless
+    overwrite. Returns the split.json record.
+    """
+    out = Path(data_path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
+                              'pass overwrite=True (--overwrite=True) to replace its files')
+    root = os.path.normpath(root)
+    names = read_names(root)
+    missing = sorted(n for n in set(names) if not _flv(root, n).is_file())
+    demographics = read_demographics(root)
+    splits, dropped = plan_splits(names, demographics, seed=seed, split_by=split_by,
+                                  sizes=sizes, drop=set(faulty) | set(missing))
+    paths = {s: [str(_flv(root, n)) for n in splits[s]] for s in SPLITS}
+    image_var, audio_var = compute_variances(
+        paths['train'], cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter,
+        backend=backend, workers=workers, progress=progress)
+    record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
+              'sizes': {s: len(paths[s]) for s in SPLITS}, 'root': root,
+              'root_abs': os.path.abspath(root), 'listed': len(set(names)),
+              'dropped': {'faulty': [n for n in dropped if n in set(faulty)],
+                          'missing': [n for n in dropped if n not in set(faulty)]},
+              'image_var': image_var, 'audio_var': audio_var}
+    out.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        labels = encode_labels(splits[s], demographics)
+        write_atomic(out / f'{s}_videos.pkl', pickle.dumps(paths[s]))
+        write_atomic(out / f'{s}_labels.pkl', pickle.dumps(labels))
+        write_atomic(out / f'{s}_stats.txt', format_stats(labels, s))
+    write_atomic(out / 'train_image_var.pkl', pickle.dumps(image_var))
+    write_atomic(out / 'train_audio_var.pkl', pickle.dumps(audio_var))
+    write_atomic(out / 'split.json', json.dumps(record, indent=1) + '\n')
+    return record
+
+
+def _flv(root, name):
+    return Path(root) / 'VideoFlash' / f'{name}.flv'
+
+
+def main():
+    from configurator import configure_or_exit
+    cfg = configure_or_exit(globals(), choices=CHOICES)
+    record = build_splits(
+        cfg['root'], cfg['data_path'], seed=cfg['seed'], split_by=cfg['split_by'],
+        sizes=tuple(cfg['split_sizes']), faulty=tuple(cfg['faulty']), overwrite=cfg['overwrite'],
+        workers=cfg['workers'], cache=cfg['cache'], cache_dir=cfg['cache_dir'],
+        frame_jitter=cfg['frame_jitter'], backend=cfg['backend'], progress=cfg['progress'])
+    sizes = ', '.join(f'{s} {n}' for s, n in record['sizes'].items())
+    print(f'wrote {cfg["data_path"]}: {sizes} clips ({cfg["split_by"]} split, seed {cfg["seed"]})')
+    for reason, dropped in record['dropped'].items():
+        print(f'dropped {len(dropped)} {reason} clip(s): {", ".join(dropped) or "-"}')
+    print(f'train image variance {record["image_var"]:.6g}, audio variance '
+          f'{record["audio_var"]:.6g}')
+
+
+if __name__ == '__main__':
+    main()
