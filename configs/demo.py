@@ -1,0 +1,13 @@
+# CPU demo: a 12-actor synthetic CREMA-D twin (made on first use) and reduced widths.
+# python main.py configs/demo.py   (about 6 minutes on 2 cores, see README.md)
+message = 'CPU demo: reduced-width CM-VQVAE on a 12-actor synthetic CREMA-D twin'
+data_path = 'data_cremad_demo'
+twin_actors = 12
+twin_root = 'synth_cremad/demo/CREMA-D'
+num_epoch = 12
+batch_size = 32
+learning_rate = 2e-3
+num_hiddens = 32
+num_residual_hiddens = 8
+embedding_dim = 16
+num_embeddings = 64

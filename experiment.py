@@ -1,0 +1,497 @@
+"""The experiment loop shared by main.py and main_separate.py.
+
+run folder -> data -> epochs (train + validate, best checkpoint by validation
+classification loss) -> test metrics, pickles and plots. Every file is written
+atomically (temporary name, then rename) and the log is flushed line by line,
+so a crash leaves a readable log and no half-written file.
+
+Index convention of the seed's file names: 1 = image, 2 = audio.
+"""
+import json
+import os
+import pickle
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score
+from tqdm import tqdm
+
+import datasets
+import model as models
+
+EMOTIONS = ('ANG', 'DIS', 'FEA', 'HAP', 'NEU', 'SAD')
+REGULARIZATION_WEIGHT = 1e-4
+TIMESTAMP_FORMAT = '%Y%m%d-%H%M%S'
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def _positive_int(v):
+    """a positive int"""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v):
+    """an int >= 0"""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_float(v):
+    """a number > 0"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _decay(v):
+    """a number in [0, 1): 0 is plain VQ, > 0 the EMA decay"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+def _threshold(v):
+    """None (meaning 5e-3) or a number"""
+    return v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _timestamp(v):
+    """None (train) or a run folder name 'YYYYmmdd-HHMMSS'"""
+    if v is None:
+        return True
+    try:
+        time.strptime(str(v)[:15], TIMESTAMP_FORMAT)
+        return isinstance(v, str)
+    except ValueError:
+        return False
+
+
+def _device(v):
+    """'auto', 'cpu', 'cuda' or 'cuda:N'"""
+    return v in ('auto', 'cpu', 'cuda') or (isinstance(v, str) and v.startswith('cuda:')
+                                             and v[5:].isdigit())
+
+
+# Allowed values of the header constants (a tuple, or a predicate whose
+# docstring says what it accepts); configurator.configure checks overrides.
+CHOICES = {
+    'timestamp': _timestamp,
+    'dataset': models.DATASETS,
+    'pretrained': (False, True),
+    'mode': models.MODES,
+    'base_type': models.BASE_TYPES,
+    'balanced': (False,),
+    'num_epoch': _positive_int,
+    'batch_size': _positive_int,
+    'shuffle': (True, False),
+    'learning_rate': _positive_float,
+    'num_hiddens': _positive_int,
+    'num_residual_hiddens': _positive_int,
+    'num_residual_layers': _non_negative_int,
+    'embedding_dim': _positive_int,
+    'num_embeddings': _positive_int,
+    'commitment_cost': _positive_float,
+    'decay': _decay,
+    'mask_scale': _positive_float,
+    'mask_init': models.MASK_INITS,
+    'threshold_fn': models.THRESHOLD_FNS,
+    'threshold': _threshold,
+    'regularization': (True, False),
+    'modify_modal': (False, True),
+    'seed': _non_negative_int,
+    'device': _device,
+    'num_workers': _non_negative_int,
+    'amp': ('auto', 'bf16', 'off'),
+    'channels_last': ('auto', True, False),
+    'cache': (True, False),
+    'data_on_gpu': (False, True),
+    'frame_jitter': _non_negative_int,
+    'twin_actors': _non_negative_int,
+    'num_epoch_vae': _positive_int,
+    'num_epoch_solver': _positive_int,
+}
+
+
+def check_config(cfg):
+    """Reject invalid combinations before any work; messages list what is allowed."""
+    if cfg['balanced']:
+        raise ValueError('balanced=True is deprecated and not supported; use balanced=False')
+    if cfg['dataset'] != 'CREMA-D':
+        raise ValueError(f"dataset={cfg['dataset']!r} is not implemented yet; "
+                         f"implemented: 'CREMA-D'")
+    if cfg['pretrained'] or cfg['modify_modal']:
+        raise ValueError('pretrained and modify_modal apply to the RML dataset only; '
+                         'with CREMA-D both must be False')
+    if cfg['data_on_gpu'] and not cfg['cache']:
+        raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
+    if cfg['embedding_dim'] % 4 or cfg['num_hiddens'] % 4:
+        raise ValueError('num_hiddens and embedding_dim must be multiples of 4')
+    models.validate_config(model_config(cfg))
+
+
+def model_config(cfg):
+    """The keys build_model needs, plus the number of classes."""
+    return {**cfg, 'num_classes': datasets.NUM_CLASSES[cfg['dataset']]}
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Call write(file object) on a temporary file, then rename it to path."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_pickle(path, obj):
+    atomic_write(path, lambda f: pickle.dump(obj, f))
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, torch.Tensor)):
+        return x.tolist() if getattr(x, 'ndim', 0) else x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def new_run_dir(results_dir):
+    """Create results_dir/<YYYYmmdd-HHMMSS> exclusively; never reuse a folder."""
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    while True:
+        path = Path(results_dir) / time.strftime(TIMESTAMP_FORMAT)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # another run started this second: take the next one
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
+def find_run_dir(results_dir, timestamp):
+    """results_dir/timestamp, or an error listing the runs that exist."""
+    path = Path(results_dir) / timestamp
+    if (path / 'config.json').exists():
+        return path
+    runs = sorted(p.name for p in Path(results_dir).glob('*') if (p / 'config.json').exists())
+    raise FileNotFoundError(f'no run {timestamp!r} in {results_dir}/; available: '
+                            f'{", ".join(runs) or "none"}')
+
+
+class Log:
+    """Print and append to log.txt, flushed line by line; lines are numbered."""
+
+    def __init__(self, path):
+        self.path, self.count = Path(path), 0
+        self.file = open(self.path, 'a', buffering=1)
+
+    def __call__(self, msg=''):
+        for line in str(msg).splitlines() or ['']:
+            self.count += 1
+            text = f'[{self.count:04d}] {line}'
+            tqdm.write(text)
+            self.file.write(text + '\n')
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def versions():
+    """Library versions and machine facts recorded with every run."""
+    import av
+    import librosa
+    import sklearn
+    import torchvision
+    info = {'python': sys.version.split()[0], 'platform': platform.platform(),
+            'torch': torch.__version__, 'torchvision': torchvision.__version__,
+            'numpy': np.__version__, 'scikit-learn': sklearn.__version__,
+            'librosa': librosa.__version__, 'av': av.__version__,
+            'cuda': torch.version.cuda, 'cpu_threads': torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+    return info
+
+
+# ----------------------------------------------------------------------------- runtime
+
+def seed_everything(seed):
+    """One seed drives initialisation, shuffles and frame draws."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg):
+    if cfg['device'] == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(cfg['device'])
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg['device']!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+class Runtime:
+    """Device, autocast and memory-format settings resolved once from the config."""
+
+    def __init__(self, cfg):
+        self.device = resolve_device(cfg)
+        cuda = self.device.type == 'cuda'
+        self.amp = cfg['amp'] == 'bf16' or (cfg['amp'] == 'auto' and cuda)
+        self.channels_last = cfg['channels_last'] is True or (cfg['channels_last'] == 'auto'
+                                                              and cuda)
+        self.pin_memory = cuda
+
+    def autocast(self):
+        """bf16 autocast (the VQ distances stay fp32 inside model.py)."""
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def to_device(self, batch):
+        """Move (image, audio, labels...) to the device; images channels_last if set."""
+        image, audio, *labels = batch
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        image = image.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        audio = audio.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        return image, audio, [y.to(self.device, non_blocking=True) for y in labels]
+
+    def prepare(self, model):
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def describe(self):
+        return (f'device {self.device}, bf16 autocast {"on" if self.amp else "off"}, '
+                f'channels_last {"on" if self.channels_last else "off"}')
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_datasets(cfg, splits=('train', 'val', 'test')):
+    """The CREMA-D splits of cfg['data_path'] (training frames drawn at random)."""
+    return {split: datasets.get_dataset(
+        cfg['dataset'], cfg['data_path'], split, train=split == 'train', cache=cfg['cache'],
+        cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'],
+        workers=max(1, cfg['num_workers'])) for split in splits}
+
+
+def make_loader(dataset, cfg, runtime, *, train):
+    """DataLoader seeded from cfg['seed']; shuffles the training split only."""
+    generator = torch.Generator().manual_seed(cfg['seed'])
+    workers = cfg['num_workers']
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg['batch_size'], shuffle=train and cfg['shuffle'],
+        num_workers=workers, pin_memory=runtime.pin_memory, generator=generator,
+        persistent_workers=workers > 0, drop_last=train and len(dataset) > cfg['batch_size'])
+
+
+def make_loaders(cfg, runtime, splits=('train', 'val', 'test')):
+    data = make_datasets(cfg, splits)
+    return {split: make_loader(ds, cfg, runtime, train=split == 'train')
+            for split, ds in data.items()}
+
+
+# ----------------------------------------------------------------------------- epochs
+
+def compute_loss(out, image, audio, emotion, variances, model, regularization):
+    """Total loss and its parts (floats for logging) from a ModelOutput.
+
+    MSE(image recon)/var1 + MSE(audio recon)/var2 + CE + VQ losses
+    (+ 1e-4 * sum(raw mask) when regularization). Missing parts are skipped.
+    """
+    parts = {}
+    if out.recon_image is not None:
+        parts['recon_error1'] = F.mse_loss(out.recon_image.float(), image) / variances[0]
+    if out.recon_audio is not None:
+        parts['recon_error2'] = F.mse_loss(out.recon_audio.float(), audio) / variances[1]
+    if out.logits is not None:
+        parts['class_error'] = F.cross_entropy(out.logits.float(), emotion)
+    if out.vq_loss is not None:
+        parts['vq_loss'] = out.vq_loss.float()
+    reg = model.mask_regularization() if regularization else None
+    if reg is not None:
+        parts['mask_regularization'] = REGULARIZATION_WEIGHT * reg
+    loss = sum(parts.values())
+    return loss, parts
+
+
+def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
+    """One pass over loader; trains when an optimizer is given.
+
+    Returns (per-batch lists of the logged quantities, predictions, targets);
+    predictions is empty for models without logits.
+    """
+    training = optimizer is not None
+    model.train(training)
+    history, preds, targets = {}, [], []
+    grad = nullcontext() if training else torch.no_grad()
+    with grad:
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            image, audio, (emotion, *_) = runtime.to_device(batch)
+            with runtime.autocast():
+                out = model(image, audio)
+            loss, parts = compute_loss(out, image, audio, emotion, variances, model,
+                                       cfg['regularization'])
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            parts['loss'] = loss
+            for key, p in (('perplexity1', out.perplexity_image),
+                           ('perplexity2', out.perplexity_audio)):
+                if p is not None:
+                    parts[key] = p
+            for key, value in parts.items():
+                history.setdefault(key, []).append(float(value))
+            if out.logits is not None:
+                preds.append(out.logits.argmax(1).cpu())
+                targets.append(emotion.cpu())
+    return history, _concat(preds), _concat(targets)
+
+
+def _concat(tensors):
+    """List of (B,) label tensors -> one numpy array (empty if none)."""
+    return torch.cat(tensors).numpy() if tensors else np.zeros(0, np.int64)
+
+
+def classification_metrics(preds, targets, num_classes, names=EMOTIONS):
+    """Accuracy, per-class accuracy, macro-F1 and confusion matrix (rows = truth)."""
+    labels = list(range(num_classes))
+    cm = confusion_matrix(targets, preds, labels=labels)
+    per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    return {'accuracy': float(cm.trace() / max(cm.sum(), 1)),
+            'per_class_accuracy': {names[i]: float(a) for i, a in enumerate(per_class)},
+            'macro_f1': float(f1_score(targets, preds, labels=labels, average='macro',
+                                       zero_division=0)),
+            'confusion_matrix': cm.tolist(), 'num_samples': int(cm.sum())}
+
+
+def evaluate(model, loader, runtime, variances, cfg, desc='test'):
+    """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks."""
+    torch.manual_seed(cfg['seed'])
+    history, preds, targets = run_epoch(model, loader, runtime, variances, cfg, desc=desc)
+    metrics = {k: float(np.mean(v)) for k, v in history.items()}
+    if len(preds):
+        metrics.update(classification_metrics(preds, targets, datasets.NUM_CLASSES[
+            cfg['dataset']]))
+    metrics['mask'] = model.mask_ratios()
+    return metrics
+
+
+def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=None,
+        monitor='class_error', save=None):
+    """Train for num_epoch epochs; keep the checkpoint with the lowest val `monitor`.
+
+    The checkpoint holds the state_dict of `save` (default: model) with the config.
+
+    Returns the history: per-iteration train lists and per-epoch val lists, keyed
+    like the seed's pickles (class_error, res_recon_error1/2, res_perplexity1/2).
+    """
+    num_epoch = num_epoch or cfg['num_epoch']
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg['learning_rate'])
+    history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
+    best = float('inf')
+    for epoch in range(1, num_epoch + 1):
+        start = time.time()
+        train, preds, targets = run_epoch(model, loaders['train'], runtime, variances, cfg,
+                                          optimizer, desc=f'epoch {epoch} train')
+        val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')
+        for key, values in train.items():
+            history['train'].setdefault(key, []).extend(values)
+        for key, value in val.items():
+            if isinstance(value, float):
+                history['val'].setdefault(key, []).append(value)
+        history['mask'].append(val['mask'])
+        history['epoch_seconds'].append(time.time() - start)
+        train_acc = float((preds == targets).mean()) if len(preds) else None
+        log(epoch_block(epoch, num_epoch, train, train_acc, val, history['epoch_seconds'][-1]))
+        if val.get(monitor, float('inf')) < best or epoch == 1:
+            best = val.get(monitor, float('inf'))
+            save_torch(checkpoint, {'model': (save or model).state_dict(), 'config': cfg,
+                                    'epoch': epoch, f'val_{monitor}': best})
+            log(f'  saved {Path(checkpoint).name} (best val {monitor} {best:.4f})')
+    return history
+
+
+def epoch_block(epoch, num_epoch, train, train_acc, val, seconds):
+    """The log's per-epoch block, in the released log's spirit."""
+    def fmt(stats, acc):
+        means = {k: float(np.mean(v)) if isinstance(v, list) else v for k, v in stats.items()}
+        text = ', '.join(f'{k} {means[k]:.4f}' for k in
+                         ('loss', 'class_error', 'recon_error1', 'recon_error2', 'vq_loss',
+                          'perplexity1', 'perplexity2') if k in means)
+        return text + (f', accuracy {100 * acc:.2f}%' if acc is not None else '')
+    lines = [f'Epoch {epoch}/{num_epoch} ({seconds:.1f} s)',
+             f'  train: {fmt(train, train_acc)}',
+             f'  val:   {fmt(val, val.get("accuracy"))}']
+    if val.get('mask'):
+        m = val['mask']
+        lines.append(f"  mask: private1 {m['private1']:.1f}%, shared1 {m['shared1']:.1f}%, "
+                     f"private2 {m['private2']:.1f}%, shared2 {m['shared2']:.1f}%, "
+                     f"complementarity {m['complementarity']:.1f}%")
+    return '\n'.join(lines)
+
+
+def test_block(metrics, title='Test'):
+    """Log lines of an evaluation: system and per-class accuracy, macro-F1, mask."""
+    lines = [f'{title}: accuracy {100 * metrics["accuracy"]:.2f}%, '
+             f'macro-F1 {100 * metrics["macro_f1"]:.2f}%, '
+             f'{metrics["num_samples"]} samples, class_error {metrics["class_error"]:.4f}']
+    lines.append('  per class: ' + ', '.join(
+        f'{k} {100 * v:.1f}%' for k, v in metrics['per_class_accuracy'].items()))
+    lines.append('  confusion (rows truth, cols predicted): '
+                 + ' | '.join(' '.join(f'{n:3d}' for n in row)
+                              for row in metrics['confusion_matrix']))
+    if metrics.get('mask'):
+        lines.append('  mask: ' + ', '.join(f'{k} {v:.1f}%' for k, v in metrics['mask'].items()))
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- run outputs
+
+def save_history(run_dir, history):
+    """The seed's pickles: train_/val_ class_error, res_perplexity1/2, res_recon_error1/2."""
+    names = {'class_error': 'class_error', 'perplexity1': 'res_perplexity1',
+             'perplexity2': 'res_perplexity2', 'recon_error1': 'res_recon_error1',
+             'recon_error2': 'res_recon_error2'}
+    for split in ('train', 'val'):
+        for key, name in names.items():
+            save_pickle(run_dir / f'{split}_{name}.pkl', history[split].get(key, []))
+    save_json(run_dir / 'history.json', history)
+
+
+@torch.no_grad()
+def save_reconstructions(run_dir, model, loader, runtime, num=8):
+    """valid_originals/reconstructions{1,2}.pkl (numpy, first `num` val items) and
+    weight{1,2}.pkl (codebooks (K, D), None without a codebook)."""
+    model.eval()
+    image, audio, _ = runtime.to_device(next(iter(loader)))
+    image, audio = image[:num], audio[:num]
+    with runtime.autocast():
+        out = model(image, audio)
+    pairs = {1: (image, out.recon_image), 2: (audio, out.recon_audio)}
+    arrays = {}
+    for k, (original, recon) in pairs.items():
+        arrays[k] = (original.float().cpu().numpy(),
+                     None if recon is None else recon.float().cpu().numpy())
+        save_pickle(run_dir / f'valid_originals{k}.pkl', arrays[k][0])
+        save_pickle(run_dir / f'valid_reconstructions{k}.pkl', arrays[k][1])
+    for k, codebook in enumerate(model.codebooks(), start=1):
+        save_pickle(run_dir / f'weight{k}.pkl',
+                    None if codebook is None else codebook.float().cpu().numpy())
+    return arrays

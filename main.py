@@ -1,0 +1,217 @@
+"""CM-VQVAE: train, validate and test on CREMA-D; or evaluate a saved run.
+
+    python main.py                              # the header below, as it is
+    python main.py configs/demo.py              # a config file overrides the header
+    python main.py --mode=audio-only --seed=1   # so do --key=value pairs
+    python main.py --timestamp=20261121-101500  # evaluate results/20261121-101500
+
+A run writes results/<YYYYmmdd-HHMMSS>/ (see README.md for every file).
+"""
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import experiment as ex
+import model as models
+from configurator import configure_or_exit
+from read_variances import read_variances
+
+# ------------------------------------------------------------------------------------------
+# config: edit here, or override with a config file / --key=value (values are type-checked)
+message = 'CM-VQVAE on CREMA-D'  # recorded at the top of the log
+timestamp = None            # None: train; 'YYYYmmdd-HHMMSS': evaluate results/<timestamp>
+dataset = 'CREMA-D'         # 'CREMA-D' ('RML', 'RML_feat', 'EmoVoxCeleb': not implemented yet)
+pretrained = False          # RML only: start from a CREMA-D model's VQ-VAE modules
+mode = 'multimodal'         # 'multimodal', 'image-only', 'audio-only'
+base_type = 0               # 0 proposed; 1 no reconstruction, no mask; 2 no mask;
+#                             3 no reconstruction; 4 two-ResNet18 comparison model
+data_path = 'data_cremad'   # folder of split configs written by read_cremad.py
+balanced = False            # deprecated; True is an error
+num_epoch = 50              # epochs (int > 0)
+batch_size = 128            # (int > 0)
+shuffle = True              # shuffle the training loader (True, False)
+learning_rate = 1e-3        # Adam learning rate (> 0)
+num_hiddens = 128           # encoder/decoder width h (multiple of 4)
+num_residual_hiddens = 32   # residual block bottleneck width r
+num_residual_layers = 2     # residual blocks per stack (>= 0)
+embedding_dim = 64          # codebook vector size D (multiple of 4)
+num_embeddings = 512        # codebook size K
+commitment_cost = 0.25      # beta of the VQ loss
+decay = 0.99                # [0, 1): > 0 EMA codebook, 0 plain VQ
+mask_scale = 1e-2           # initial mask magnitude (> 0)
+mask_init = '1s'            # '1s' fills mask_scale; 'uniform' draws U(-mask_scale, mask_scale)
+threshold_fn = 'binarizer'  # 'binarizer', 'ternarizer', 'attention', 'randomizer'
+threshold = None            # None means 5e-3
+regularization = True       # adds 1e-4 * sum(mask) to the loss (True, False)
+modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch
+# additions to the paper's constants
+seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
+device = 'auto'             # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+num_workers = 2             # DataLoader worker processes (0: load in the main process)
+amp = 'auto'                # 'auto' (bf16 autocast on CUDA), 'bf16', 'off'
+channels_last = 'auto'      # 'auto' (on CUDA), True, False
+cache = True                # decode each clip once into cache_dir (True, False)
+cache_dir = 'cache'         # decode-once cache folder (memory-mapped arrays)
+data_on_gpu = False         # CUDA + cache: keep the cached arrays on the GPU, sample there
+frame_jitter = 15           # training frame drawn within +-frame_jitter of the centre frame
+results_dir = 'results'     # run folders go to results_dir/<timestamp>
+twin_actors = 0             # > 0: if data_path is missing, synthesize a twin of this many
+#                             actors at twin_root and build its split configs (the demo)
+twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
+# ------------------------------------------------------------------------------------------
+
+# Settings of the machine, not of the model: evaluating a saved run takes these
+# from the current header and everything else from the run's config.json.
+RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
+                'cache', 'cache_dir', 'data_on_gpu', 'results_dir')
+
+
+def header():
+    """This file's header constants (also the defaults of main_separate.py)."""
+    from configurator import config_keys
+    return {k: globals()[k] for k in config_keys(globals())}
+
+
+def resolve(defaults, argv):
+    """Overrides applied and checked; a bad value exits with a message, before any work."""
+    cfg = configure_or_exit(defaults, argv, ex.CHOICES)
+    try:
+        ex.check_config(cfg)
+    except ValueError as e:
+        sys.exit(f'config error: {e}')
+    return cfg
+
+
+def start_run(cfg, argv):
+    """New run folder with log.txt, config.json and environment.json, written first."""
+    run_dir = ex.new_run_dir(cfg['results_dir'])
+    log = ex.Log(run_dir / 'log.txt')
+    log(f'Message: {cfg["message"]}')
+    log(f'Run folder: {run_dir}')
+    log('Config: ' + json.dumps(cfg))
+    ex.save_json(run_dir / 'config.json', cfg)
+    ex.save_json(run_dir / 'environment.json', {
+        'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+        'versions': ex.versions()})
+    return run_dir, log
+
+
+def logged(fn):
+    """Log a crash's traceback before it propagates: the log so far stays readable."""
+    def wrapper(cfg, run_dir, log, *args):
+        try:
+            return fn(cfg, run_dir, log, *args)
+        except BaseException:
+            log('Run failed:\n' + traceback.format_exc())
+            raise
+        finally:
+            log.close()
+    return wrapper
+
+
+@logged
+def train(cfg, run_dir, log):
+    ex.seed_everything(cfg['seed'])
+    runtime = ex.Runtime(cfg)
+    log(runtime.describe())
+    loaders = ex.make_loaders(cfg, runtime)
+    variances = read_variances(cfg['data_path'])
+    log(f'Data: {cfg["data_path"]}: ' + ', '.join(
+        f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
+        + f'; train variances image {variances[0]:.4g}, audio {variances[1]:.4g}')
+    net = runtime.prepare(models.build_model(ex.model_config(cfg)))
+    log(f'Model: {type(net).__name__}, {models.count_parameters(net):,} trainable parameters')
+    history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt')
+    net, best_epoch = load_model(cfg, run_dir, runtime)
+    log(f'Best epoch {best_epoch} (lowest val class_error); testing its checkpoint')
+    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg)
+    log(ex.test_block(test))
+    finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
+    log(f'Done in {sum(history["epoch_seconds"]):.1f} s of epochs; results in {run_dir}')
+    return test
+
+
+def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
+    """Pickles, metrics.json and plots of a finished training run."""
+    import plots
+    ex.save_history(run_dir, history)
+    arrays = ex.save_reconstructions(run_dir, net, loaders['val'], runtime)
+    ex.save_json(run_dir / 'metrics.json', {'test': test, 'best_epoch': best_epoch,
+                                            'epoch_seconds': history['epoch_seconds']})
+    plots.plot_curves(run_dir, history)
+    plots.plot_recon_perplexity(run_dir, history)
+    mask = net.get_mask()
+    if mask is not None:
+        plots.plot_mask(run_dir, history['mask'], mask.cpu().numpy(), cfg['embedding_dim'])
+    plots.plot_confusion(run_dir, test['confusion_matrix'], ex.EMOTIONS)
+    plots.plot_reconstructions(run_dir, arrays)
+
+
+def saved_config(cfg):
+    """The saved run's config with this machine's runtime settings."""
+    run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'])
+    saved = json.loads((run_dir / 'config.json').read_text())
+    return run_dir, {**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}
+
+
+def load_model(cfg, run_dir, runtime):
+    """The saved run's model, rebuilt from its config, with model.pt loaded."""
+    net = runtime.prepare(models.build_model(ex.model_config(cfg)))
+    checkpoint = torch.load(run_dir / 'model.pt', map_location=runtime.device)
+    net.load_state_dict(checkpoint['model'])
+    return net, checkpoint['epoch']
+
+
+@logged
+def evaluate_saved(cfg, run_dir, log, load=load_model):
+    """Rebuild the saved model (load(cfg, run_dir, runtime) -> (model, epoch)), test it,
+    append to the run's log and write eval-<now>.json beside it."""
+    log(f'Evaluation of the saved model, {time.strftime("%Y-%m-%d %H:%M:%S")}: '
+        f'{cfg["message"]}')
+    ex.seed_everything(cfg['seed'])
+    runtime = ex.Runtime(cfg)
+    loader = ex.make_loaders(cfg, runtime, splits=('test',))['test']
+    net, epoch = load(cfg, run_dir, runtime)
+    test = ex.evaluate(net, loader, runtime, read_variances(cfg['data_path']), cfg)
+    log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'))
+    name = f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
+    ex.save_json(run_dir / name, {'test': test, 'config': cfg})
+    log(f'Wrote {run_dir / name}')
+    return test
+
+
+def prepare_data(cfg):
+    """The demo's data: a synthetic twin and its split configs, made if missing."""
+    if Path(cfg['data_path']).exists() or not cfg['twin_actors']:
+        return
+    import read_cremad
+    import synth_cremad
+    print(f'{cfg["data_path"]} is missing: making a {cfg["twin_actors"]}-actor synthetic '
+          f'twin at {cfg["twin_root"]} and its split configs')
+    synth_cremad.generate(root=cfg['twin_root'], num_actors=cfg['twin_actors'],
+                          seed=cfg['seed'], workers=max(1, cfg['num_workers']))
+    read_cremad.build_splits(root=cfg['twin_root'], data_path=cfg['data_path'],
+                             seed=cfg['seed'], workers=max(1, cfg['num_workers']),
+                             cache_dir=cfg['cache_dir'])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = resolve(header(), argv)
+    if cfg['timestamp']:
+        try:
+            run_dir, cfg = saved_config(cfg)
+        except FileNotFoundError as e:
+            sys.exit(f'config error: {e}')
+        return evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
+    prepare_data(cfg)
+    run_dir, log = start_run(cfg, argv)
+    return train(cfg, run_dir, log)
+
+
+if __name__ == '__main__':
+    main()

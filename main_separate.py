@@ -1,0 +1,130 @@
+"""Two-stage CM-VQVAE: train the VQ-VAEs, then the TaskSolver on their frozen codes.
+
+    python main_separate.py [config file] [--key=value ...]
+
+Stage 1 trains both VQ-VAEs on reconstruction alone (best by validation loss,
+results/<timestamp>/model_vae.pt); stage 2 freezes them and trains the masked
+TaskSolver on their quantized maps (best by validation classification loss,
+model_solver.pt); then the test as in main.py. Every constant of main.py's header
+applies (base_type 0: masked solver, 2: unmasked); the two below are added.
+`timestamp` evaluates a saved two-stage run.
+"""
+import sys
+
+import torch
+from torch import nn
+
+import experiment as ex
+import main
+import model as models
+from read_variances import read_variances
+
+# ------------------------------------------------------------------------------------------
+# config: main.py's header, plus
+num_epoch_vae = 50          # stage 1 epochs: VQ-VAEs on reconstruction (int > 0)
+num_epoch_solver = 50       # stage 2 epochs: TaskSolver on the frozen codes (int > 0)
+# ------------------------------------------------------------------------------------------
+
+
+class FrozenCodes(nn.Module):
+    """A frozen ModelVQVAE feeding a ModelSolver: forward(image, audio) -> ModelOutput.
+
+    The VQ-VAE stays in eval mode (fixed BN statistics and codebooks) and gets
+    no gradient; reconstructions and perplexities pass through for logging.
+    """
+
+    def __init__(self, vqvae, solver):
+        super().__init__()
+        self.vqvae, self.solver = vqvae.requires_grad_(False), solver
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vqvae.eval()
+        return self
+
+    def forward(self, image, audio):
+        with torch.no_grad():
+            codes = self.vqvae(image, audio)   # quantized_* (B, D, 32, 32)
+        out = self.solver(codes.quantized_image, codes.quantized_audio)
+        return out._replace(recon_image=codes.recon_image, recon_audio=codes.recon_audio,
+                            perplexity_image=codes.perplexity_image,
+                            perplexity_audio=codes.perplexity_audio)
+
+    def mask_ratios(self):
+        return self.solver.mask_ratios()
+
+    def mask_regularization(self):
+        return self.solver.mask_regularization()
+
+    def get_mask(self):
+        return self.solver.get_mask()
+
+    def codebooks(self):
+        return self.vqvae.codebooks()
+
+
+def build(cfg, runtime):
+    mcfg = ex.model_config(cfg)
+    return (runtime.prepare(models.build_vqvae(mcfg)),
+            runtime.prepare(models.build_solver(mcfg)))
+
+
+def load_two_stage(cfg, run_dir, runtime):
+    """Rebuild both stages from the run's config and load their checkpoints."""
+    vqvae, solver = build(cfg, runtime)
+    for net, name in ((vqvae, 'model_vae.pt'), (solver, 'model_solver.pt')):
+        checkpoint = torch.load(run_dir / name, map_location=runtime.device)
+        net.load_state_dict(checkpoint['model'])
+    return FrozenCodes(vqvae, solver), checkpoint['epoch']
+
+
+@main.logged
+def train(cfg, run_dir, log):
+    ex.seed_everything(cfg['seed'])
+    runtime = ex.Runtime(cfg)
+    log(runtime.describe())
+    loaders = ex.make_loaders(cfg, runtime)
+    variances = read_variances(cfg['data_path'])
+    vqvae, solver = build(cfg, runtime)
+    log(f'Stage 1: VQ-VAEs, {models.count_parameters(vqvae):,} trainable parameters, '
+        f'{cfg["num_epoch_vae"]} epochs on reconstruction')
+    ex.fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',
+           num_epoch=cfg['num_epoch_vae'], monitor='loss')
+    vqvae.load_state_dict(torch.load(run_dir / 'model_vae.pt',
+                                     map_location=runtime.device)['model'])
+    net = FrozenCodes(vqvae, solver)
+    log(f'Stage 2: TaskSolver on frozen codes, {models.count_parameters(net):,} trainable '
+        f'parameters, {cfg["num_epoch_solver"]} epochs')
+    history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model_solver.pt',
+                     num_epoch=cfg['num_epoch_solver'], save=solver)
+    net, best_epoch = load_two_stage(cfg, run_dir, runtime)
+    log(f'Best stage-2 epoch {best_epoch}; testing its checkpoint')
+    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg)
+    log(ex.test_block(test))
+    main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
+    log(f'Done; results in {run_dir}')
+    return test
+
+
+def run(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {**main.header(), 'num_epoch_vae': num_epoch_vae,
+                'num_epoch_solver': num_epoch_solver}
+    cfg = main.resolve(defaults, argv)
+    if cfg['base_type'] not in (0, 2):
+        sys.exit(f"config error: base_type={cfg['base_type']!r} has no two-stage form; "
+                 f"allowed: 0 (masked solver), 2 (unmasked)")
+    if cfg['timestamp']:
+        try:
+            run_dir, cfg = main.saved_config(cfg)
+        except FileNotFoundError as e:
+            sys.exit(f'config error: {e}')
+        return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'),
+                                   load_two_stage)
+    main.prepare_data(cfg)
+    run_dir, log = main.start_run(cfg, argv)
+    return train(cfg, run_dir, log)
+
+
+if __name__ == '__main__':
+    run()
