@@ -114,8 +114,9 @@ FPS, RATE = media.VIDEO_FPS, media.AUDIO_RATE
 HOP = RATE // FPS               # audio samples per video frame (1470)
 LO_PIX, HI_PIX = 20, 235        # palette bounds: room for +-15 noise without wrapping
 MOUTH_LEVELS = 8                # mouth openings rendered per clip (speech follows these)
-# Face layer: a box of the frame holding hair, head and neck; it moves with the head.
-LAYER_TOP, LAYER_LEFT, LAYER_H, LAYER_W = 24, 130, 316, 220
+# Face box: the part of the frame holding hair, head and neck; it moves with the head.
+LAYER_TOP, LAYER_LEFT, LAYER_H, LAYER_W = 24, 130, 261, 220
+SHIRT_TOP, MAX_DY, MAX_DX = 290, 5, 40
 FACE_CY, FACE_CX = 128, 110     # face centre in layer coordinates (frame y 152, x 240)
 VOWELS = ((730, 1090, 2440), (530, 1840, 2480), (270, 2290, 3010), (570, 840, 2410),
           (300, 870, 2240), (500, 1500, 2500), (660, 1720, 2410))
@@ -305,8 +306,9 @@ def _pitch_contour(f, t, starts, lengths, plan_):
     speech_t = np.clip((t - starts[0]) / max(lengths.sum(), 1e-3), 0, 1)
     semitones = span * (1.5 - 3.0 * speech_t)
     for start, length, stress in zip(starts, lengths, plan_['stress'], strict=True):
-        inside = np.clip((t - start) / length, 0, 1)
-        semitones += span * (0.8 + 1.5 * stress) * np.sin(np.pi * inside) ** 2
+        a, b = int(start * RATE), min(len(t), int((start + length) * RATE))
+        inside = (t[a:b] - start) / length
+        semitones[a:b] += span * (0.8 + 1.5 * stress) * np.sin(np.pi * inside) ** 2
     semitones += 0.6 * max(f['voice_tremor'], 0) * np.sin(2 * np.pi * 6.0 * t)
     return f['f0_hz'] * 2 ** (semitones / 12)
 
@@ -341,24 +343,32 @@ def _rms(x):
 # ----------------------------------------------------------------------------- video
 
 def render_video(f, traits, loudness, rng):
-    """(frames, 360, 480, 3) uint8: face layer over a static background, plus noise."""
-    light = f['light']
-    background = _background(traits, light)
+    """(frames, 360, 480, 3) uint8: the face box pasted over a static background, plus noise."""
+    background = _background(traits, f['light'])
     openings = np.clip(loudness / max(loudness.max(), 1e-9), 0, 1) ** 0.7
     levels = np.minimum((openings * MOUTH_LEVELS).astype(int), MOUTH_LEVELS - 1)
-    mask, layers = _face_layers(f, traits, light)
+    layers = _face_layers(f, traits, background)
     frames = np.empty((f['frames'], media.VIDEO_HEIGHT, media.VIDEO_WIDTH, 3), np.uint8)
     frames[:] = background
+    dy, dx = _head_path(f, rng)
+    for i in range(f['frames']):
+        y, x = LAYER_TOP + dy[i], LAYER_LEFT + dx[i]
+        frames[i, y:y + LAYER_H, x:x + LAYER_W] = layers[levels[i]]
+    _add_noise(frames, int(f['pixel_noise']), rng)
+    return frames
+
+
+def _head_path(f, rng):
+    """Integer (dy, dx) per frame: a per-clip offset plus slow sway. The face box is
+    opaque (it carries its own background), which is invisible on a vertical gradient
+    as long as it never reaches the shirt: hence dy within +-MAX_DY."""
     t = np.arange(f['frames']) / FPS
     phase = rng.uniform(0, 2 * np.pi, 2)
     amp = f['head_motion_px']
-    dx = np.round(f['head_x'] + amp * np.sin(2 * np.pi * 0.7 * t + phase[0])).astype(int)
-    dy = np.round(f['head_y'] + 0.6 * amp * np.sin(2 * np.pi * 0.5 * t + phase[1])).astype(int)
-    for i in range(f['frames']):
-        y, x = LAYER_TOP + dy[i], LAYER_LEFT + dx[i]
-        np.copyto(frames[i, y:y + LAYER_H, x:x + LAYER_W], layers[levels[i]], where=mask)
-    _add_noise(frames, int(f['pixel_noise']), rng)
-    return frames
+    dx = f['head_x'] + amp * np.sin(2 * np.pi * 0.7 * t + phase[0])
+    dy = f['head_y'] + 0.6 * amp * np.sin(2 * np.pi * 0.5 * t + phase[1])
+    dx = np.clip(np.round(dx), -MAX_DX, MAX_DX).astype(int)
+    return np.clip(np.round(dy), -MAX_DY, MAX_DY).astype(int), dx
 
 
 def _add_noise(frames, amplitude, rng):
@@ -389,20 +399,23 @@ def _background(traits, light):
     image = np.clip(np.asarray(traits['background']) * light * shade, LO_PIX, HI_PIX)
     image = np.broadcast_to(image, (h, w, 3)).astype(np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
-    shirt = (yy > 290) & (np.abs(xx - w // 2) < 95 + (yy - 290) * 1.5)
+    neck = (yy > 200) & (np.abs(xx - w // 2) < 29 * traits['face_w'])
+    image[neck] = _colour(traits['skin'], light * 0.85)
+    shirt = (yy >= SHIRT_TOP) & (np.abs(xx - w // 2) < 95 + (yy - SHIRT_TOP) * 1.5)
     image[shirt] = _colour(traits['shirt'], light)
     return image
 
 
-def _face_layers(f, traits, light):
-    """(mask, one RGB layer per mouth opening) of hair, head, neck and features."""
+def _face_layers(f, traits, background):
+    """The face box (hair, head, neck, features on the background), one per mouth opening."""
+    light = f['light']
     yy, xx = np.mgrid[0:LAYER_H, 0:LAYER_W].astype(np.float32)
     cy, cx = FACE_CY, FACE_CX
     ry, rx = 92 * traits['face_h'], 70 * traits['face_w']
     skin, hair = _colour(traits['skin'], light), _colour(traits['hair'], light)
-    layer = np.zeros((LAYER_H, LAYER_W, 3), np.uint8)
+    layer = background[LAYER_TOP:LAYER_TOP + LAYER_H, LAYER_LEFT:LAYER_LEFT + LAYER_W].copy()
     hair_back = _ellipse(yy, xx, cy - 8, cx, ry * 1.08, rx * 1.14)
-    neck = (np.abs(xx - cx) < rx * 0.42) & (yy > cy + ry * 0.5)
+    neck = (np.abs(xx - cx) < 29 * traits['face_w']) & (yy > cy + ry * 0.5)
     face = _ellipse(yy, xx, cy, cx, ry, rx)
     layer[hair_back] = hair
     layer[neck] = _colour(traits['skin'], light * 0.85)
@@ -412,10 +425,8 @@ def _face_layers(f, traits, light):
     layer[fringe] = hair
     layer[_ellipse(yy, xx, cy + ry * 0.12, cx, 15, 7)] = _colour(traits['skin'], light * 0.88)
     _draw_eyes_and_brows(layer, yy, xx, f, traits, ry, rx, light)
-    mask = (hair_back | neck | face)[..., None]
-    layers = [_draw_mouth(layer.copy(), yy, xx, f, ry, rx, k / (MOUTH_LEVELS - 1), light)
-              for k in range(MOUTH_LEVELS)]
-    return mask, layers
+    return [_draw_mouth(layer.copy(), yy, xx, f, ry, rx, k / (MOUTH_LEVELS - 1), light)
+            for k in range(MOUTH_LEVELS)]
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
