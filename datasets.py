@@ -139,7 +139,8 @@ def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None):
 
 def to_image(face):
     """(128, 128, 3) uint8 -> (3, 128, 128) float32 tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(face)).permute(2, 0, 1).float().div_(255)
+    # one pass from the (read-only) memmap to a writable C-contiguous float32 array
+    return torch.from_numpy(np.array(face.transpose(2, 0, 1), np.float32, order='C')).div_(255)
 
 
 def to_spectrogram(spec):
