@@ -355,17 +355,18 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
                            ('perplexity2', out.perplexity_audio)):
                 if p is not None:
                     parts[key] = p
-            for key, value in parts.items():
-                history.setdefault(key, []).append(float(value))
+            for key, value in parts.items():  # stay on the device: no sync per batch
+                history.setdefault(key, []).append(value.detach().float())
             if out.logits is not None:
-                preds.append(out.logits.argmax(1).cpu())
-                targets.append(emotion.cpu())
+                preds.append(out.logits.argmax(1))
+                targets.append(emotion)
+    history = {k: torch.stack(v).cpu().tolist() for k, v in history.items()}
     return history, _concat(preds), _concat(targets)
 
 
 def _concat(tensors):
     """List of (B,) label tensors -> one numpy array (empty if none)."""
-    return torch.cat(tensors).numpy() if tensors else np.zeros(0, np.int64)
+    return torch.cat(tensors).cpu().numpy() if tensors else np.zeros(0, np.int64)
 
 
 def classification_metrics(preds, targets, num_classes, names=EMOTIONS):

@@ -66,7 +66,7 @@ twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
 
 # Settings of the machine, not of the model: evaluating a saved run takes these
 # from the current header and everything else from the run's config.json.
-RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
+_RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
                 'cache', 'cache_dir', 'data_on_gpu', 'results_dir')
 
 
@@ -155,7 +155,7 @@ def saved_config(cfg):
     """The saved run's config with this machine's runtime settings."""
     run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'])
     saved = json.loads((run_dir / 'config.json').read_text())
-    return run_dir, {**saved, **{k: cfg[k] for k in RUNTIME_KEYS}}
+    return run_dir, {**saved, **{k: cfg[k] for k in _RUNTIME_KEYS}}
 
 
 def load_model(cfg, run_dir, runtime):

@@ -1,0 +1,146 @@
+"""main.py / main_separate.py end to end on a tiny twin: files, metrics, re-evaluation."""
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import main
+import main_separate
+import read_cremad
+from conftest import REPO
+
+# Tiny widths: the tests check behaviour, not accuracy.
+TINY_MODEL = ['--num_hiddens=16', '--num_residual_hiddens=4', '--embedding_dim=8',
+              '--num_embeddings=16', '--batch_size=16', '--num_workers=0']
+SEED_FILES = ['log.txt', 'model.pt', 'train_class_error.pkl', 'val_class_error.pkl',
+              *[f'{s}_res_{q}{k}.pkl' for s in ('train', 'val')
+                for q in ('perplexity', 'recon_error') for k in (1, 2)],
+              *[f'valid_{q}{k}.pkl' for q in ('originals', 'reconstructions') for k in (1, 2)],
+              'weight1.pkl', 'weight2.pkl']
+EXTRA_FILES = ['config.json', 'environment.json', 'metrics.json', 'history.json',
+               'curves.png', 'recon_perplexity.png', 'mask.png', 'confusion_matrix.png',
+               'reconstructions.png']
+
+
+@pytest.fixture(scope='module')
+def workdir(twin, tmp_path_factory):
+    """Split configs of the tiny twin and a cache, shared by this module's runs."""
+    path = tmp_path_factory.mktemp('runner')
+    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2,
+                             cache_dir=path / 'cache', progress=False)
+    return path
+
+
+def args(workdir, *extra):
+    return [f'--data_path={workdir / "data"}', f'--cache_dir={workdir / "cache"}',
+            f'--results_dir={workdir / "results"}', *TINY_MODEL, *extra]
+
+
+def newest_run(workdir):
+    return sorted((workdir / 'results').iterdir())[-1]
+
+
+@pytest.fixture(scope='module')
+def run(workdir):
+    """One two-epoch run of the proposed model: (run folder, its test metrics)."""
+    test = main.main(args(workdir, '--num_epoch=2'))
+    return newest_run(workdir), test
+
+
+def test_run_leaves_every_file(run):
+    run_dir, _ = run
+    missing = [f for f in SEED_FILES + EXTRA_FILES if not (run_dir / f).is_file()]
+    assert not missing
+    assert not list(run_dir.glob('.*.tmp')), 'temporary files left behind'
+
+
+def test_pickles_load_with_expected_contents(run):
+    run_dir, _ = run
+
+    def load(name):
+        return pickle.loads((run_dir / name).read_bytes())
+    assert len(load('val_class_error.pkl')) == 2          # one value per epoch
+    assert len(load('train_class_error.pkl')) >= 2        # one value per iteration
+    assert load('valid_originals1.pkl').shape[1:] == (3, 128, 128)
+    assert load('valid_reconstructions2.pkl').shape[1:] == (1, 256, 256)
+    assert load('weight1.pkl').shape == (16, 8)            # (K, D) codebook
+
+
+def test_config_and_log_record_the_run(run):
+    run_dir, _ = run
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    assert cfg['num_epoch'] == 2 and cfg['embedding_dim'] == 8
+    env = json.loads((run_dir / 'environment.json').read_text())
+    assert '--num_epoch=2' in env['argv'] and 'torch' in env['versions']
+    log = (run_dir / 'log.txt').read_text()
+    assert log.index('Message:') < log.index('Epoch 1/2') < log.index('Epoch 2/2') \
+        < log.index('Test: accuracy')
+
+
+def test_metrics_agree_with_confusion_matrix(run):
+    run_dir, test = run
+    metrics = json.loads((run_dir / 'metrics.json').read_text())['test']
+    cm = np.array(metrics['confusion_matrix'])
+    assert cm.sum() == metrics['num_samples'] == 7
+    assert metrics['accuracy'] == pytest.approx(np.trace(cm) / cm.sum())
+    rows = cm.sum(1)
+    for i, acc in enumerate(metrics['per_class_accuracy'].values()):
+        assert acc == pytest.approx(cm[i, i] / rows[i] if rows[i] else 0.0)
+    assert set(metrics['mask']) == {'private1', 'shared1', 'private2', 'shared2',
+                                    'complementarity'}
+    assert metrics['accuracy'] == test['accuracy']
+
+
+def test_evaluating_the_timestamp_reproduces_the_test(run, workdir):
+    run_dir, test = run
+    # A different header (width, mode) must not matter: the saved config rebuilds the model.
+    again = main.main(args(workdir, f'--timestamp={run_dir.name}', '--embedding_dim=32',
+                           '--mode=audio-only'))
+    for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'per_class_accuracy', 'mask'):
+        assert again[key] == test[key]
+    assert again['class_error'] == pytest.approx(test['class_error'], abs=1e-6)
+    assert (run_dir / 'log.txt').read_text().count('Evaluation of the saved model') >= 1
+    assert list(run_dir.glob('eval-*.json'))
+
+
+def test_unknown_timestamp_lists_available_runs(run, workdir):
+    run_dir, _ = run
+    with pytest.raises(SystemExit, match=run_dir.name):
+        main.main(args(workdir, '--timestamp=20000101-000000'))
+
+
+@pytest.mark.parametrize('extra', [['--base_type=1'], ['--base_type=2'], ['--base_type=3'],
+                                   ['--base_type=4'], ['--mode=image-only'],
+                                   ['--mode=audio-only', '--decay=0.0']])
+def test_each_variant_trains_one_epoch(workdir, extra):
+    test = main.main(args(workdir, '--num_epoch=1', *extra))
+    assert test['num_samples'] == 7 and 0 <= test['accuracy'] <= 1
+    assert (newest_run(workdir) / 'model.pt').is_file()
+
+
+@pytest.mark.parametrize('bad, message', [
+    ('--mode=video-only', "allowed: 'multimodal', 'image-only', 'audio-only'"),
+    ('--threshold_fn=sigmoid', "'binarizer', 'ternarizer', 'attention', 'randomizer'"),
+    ('--num_epochs=3', "unknown config key 'num_epochs'"),
+    ('--balanced=True', 'allowed: False'),
+    ('--base_type=5', 'allowed: 0, 1, 2, 3, 4'),
+])
+def test_invalid_override_exits_and_writes_nothing(tmp_path, bad, message):
+    proc = subprocess.run([sys.executable, str(REPO / 'main.py'),
+                           f'--results_dir={tmp_path / "results"}', bad],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / 'results').exists()
+
+
+def test_two_stage_end_to_end(workdir):
+    test = main_separate.run(args(workdir, '--num_epoch_vae=1', '--num_epoch_solver=1'))
+    run_dir = newest_run(workdir)
+    assert (run_dir / 'model_vae.pt').is_file() and (run_dir / 'model_solver.pt').is_file()
+    assert (run_dir / 'metrics.json').is_file() and test['num_samples'] == 7
+    again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}'))
+    assert again['confusion_matrix'] == test['confusion_matrix']
