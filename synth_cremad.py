@@ -68,9 +68,10 @@ workers = 0                     # processes; 0: all cores
 nuisance = 0.5                  # 0..1 strength of emotion-irrelevant variation
 sentences = 'all'               # 'all' or comma list of codes, e.g. 'DFA,IEO'
 duration_scale = 1.0            # 1.0: CREMA-D-like 2-3 s clips; tests use 0.5
+measure = False                 # True: then print linear-probe accuracies (image/audio/joint)
 # -----------------------------------------------------------------------------
 HEADER = ('root', 'num_actors', 'seed', 'like', 'workers', 'nuisance', 'sentences',
-          'duration_scale')
+          'duration_scale', 'measure')
 
 VERSION = 1                     # bump when rendering changes: old twins are not reused
 MARKER = '.synth_cremad.json'
@@ -622,6 +623,66 @@ def _summary(root, factors, rendered, seconds):
                 flv_bytes=flv, wav_bytes=wav, bytes=flv + wav)
 
 
+# ----------------------------------------------------------------------------- learnability
+
+def clip_features(path, size=16):
+    """Cheap features of one FLV: (size x size grey centre face crop, mean + std of 64
+    log-mel bands). 16x16 keeps the logistic regression fast; 32x32 scores a bit higher."""
+    from PIL import Image
+    frames, audio, _, rate = media.read_flv(path)
+    face = media.face_crop(frames[media.centre_index(len(frames))])
+    grey = Image.fromarray(face).convert('L').resize((size, size), Image.BILINEAR)
+    spec = media.log_mel(audio.mean(axis=0), rate).reshape(64, 4, -1).mean(axis=1)
+    return np.asarray(grey, np.float32).ravel() / 255, np.concatenate([spec.mean(1), spec.std(1)])
+
+
+def probe_features(root, workers=1):
+    """(names, emotions, image features, audio features) of every clip listed in ``root``."""
+    root = Path(root)
+    names = _listing(root)
+    paths = [root / 'VideoFlash' / f'{n}.flv' for n in names]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            feats = list(pool.map(clip_features, paths, chunksize=8))
+    else:
+        feats = [clip_features(p) for p in paths]
+    emotions = np.array([parse_name(n)['emotion'] for n in names])
+    return names, emotions, np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats])
+
+
+def learnability(root, split='clip', test_size=0.3, seed=0, workers=1, features=None):
+    """Held-out accuracy of a logistic regression on image, audio and joint features.
+
+    split: 'clip' (stratified by emotion, actors shared, like the paper's split) or
+    'actor' (speaker-independent). features: probe_features(root) if already computed.
+    Returns dict(chance, train, test, image, audio, joint).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    names, labels, image, audio = features or probe_features(root, workers)
+    index = np.arange(len(names))
+    if split == 'actor':
+        groups = [parse_name(n)['actor'] for n in names]
+        cut = GroupShuffleSplit(1, test_size=test_size, random_state=seed)
+        train, test = next(cut.split(index, labels, groups))
+    else:
+        train, test = train_test_split(index, test_size=test_size, random_state=seed,
+                                       stratify=labels)
+    result = dict(chance=1 / len(EMOTION_CODES), train=len(train), test=len(test))
+    for key, x in (('image', image), ('audio', audio), ('joint', np.hstack([image, audio]))):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+        model.fit(x[train], labels[train])
+        result[key] = float((model.predict(x[test]) == labels[test]).mean())
+    return result
+
+
+def _listing(root):
+    with open(Path(root) / 'SentenceFilenames.csv', newline='') as f:
+        return [r['Filename'] for r in csv.DictReader(f)]
+
+
 if __name__ == '__main__':
     from configurator import configure_or_exit
     cfg = configure_or_exit({k: globals()[k] for k in HEADER})
@@ -629,5 +690,12 @@ if __name__ == '__main__':
         generate(cfg['root'], num_actors=cfg['num_actors'], seed=cfg['seed'], like=cfg['like'],
                  workers=cfg['workers'], nuisance=cfg['nuisance'], sentences=cfg['sentences'],
                  duration_scale=cfg['duration_scale'])
+        if cfg['measure']:
+            features = probe_features(cfg['root'], cfg['workers'] or os.cpu_count())
+            for split in ('clip', 'actor'):
+                scores = learnability(cfg['root'], split=split, features=features)
+                print(f'learnability (split by {split}): ' + ', '.join(
+                    f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
+                    for k, v in scores.items()))
     except SynthError as e:
         sys.exit(f'synth_cremad: {e}')
