@@ -116,7 +116,7 @@ def configure(defaults, argv=None, choices=None):
 
 
 def configure_or_exit(defaults, argv=None, choices=None):
-    """``configure`` for entry scripts: a bad override prints one line and exits 2."""
+    """``configure`` for entry scripts: a bad override prints one line and exits with status 1."""
     try:
         return configure(defaults, argv, choices)
     except ConfigError as e:

@@ -196,7 +196,7 @@ def prepare_data(cfg):
                           seed=cfg['seed'], workers=max(1, cfg['num_workers']))
     read_cremad.build_splits(root=cfg['twin_root'], data_path=cfg['data_path'],
                              seed=cfg['seed'], workers=max(1, cfg['num_workers']),
-                             cache_dir=cfg['cache_dir'])
+                             cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'])
 
 
 def main(argv=None):
