@@ -126,6 +126,8 @@ def check_config(cfg):
                          'with CREMA-D both must be False')
     if cfg['data_on_gpu'] and not cfg['cache']:
         raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
+    if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
+        raise ValueError("data_on_gpu=True needs a CUDA device; it is off on 'cpu'")
     if cfg['embedding_dim'] % 4 or cfg['num_hiddens'] % 4:
         raise ValueError('num_hiddens and embedding_dim must be multiples of 4')
     models.validate_config(model_config(cfg))
@@ -289,14 +291,73 @@ def make_datasets(cfg, splits=('train', 'val', 'test')):
         workers=max(1, cfg['num_workers'])) for split in splits}
 
 
+class DeviceLoader:
+    """Batches sampled from the decode-once cache held in device memory.
+
+    The whole cache moves to `device` once: frames (N, 2J+1, 128, 128, 3) uint8
+    and log-mels (N, 256, 256) float32 (~1.7 MB a clip: ~13 GB for CREMA-D, which
+    an H200 holds easily). Each batch is then an index gather plus one uint8 ->
+    float conversion on the device, so loading never starves the GPU. Batches
+    match the DataLoader's: (image (B, 3, 128, 128) in [0, 1], audio (B, 1, 256,
+    256), emotion, race, gender, sentence), with the same frame rule (training:
+    uniform within +-J of the centre, evaluation: the centre frame).
+    """
+
+    def __init__(self, dataset, *, batch_size, train, shuffle, drop_last, device, seed):
+        arrays = dataset.arrays()
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.jitter = (arrays['frames'].shape[1] - 1) // 2
+        self.frames = _to_device(arrays['frames'], device)   # (N, 2J+1, 128, 128, 3) uint8
+        self.specs = _to_device(arrays['specs'], device)     # (N, 256, 256) float32
+        labels = torch.as_tensor(arrays['labels'], device=device)
+        self.labels = labels[:, [datasets.EMOTION, datasets.RACE, datasets.GENDER,
+                                 datasets.SENTENCE]]         # (N, 4) in the item's order
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.dataset), self.frames.device
+        order = (torch.randperm(n, device=device, generator=self.generator)
+                 if self.shuffle else torch.arange(n, device=device))
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            offset = torch.full_like(idx, self.jitter)
+            if self.train and self.jitter:
+                offset = torch.randint(0, 2 * self.jitter + 1, idx.shape, device=device,
+                                       generator=self.generator)
+            image = self.frames[idx, offset].permute(0, 3, 1, 2).float().div_(255)
+            audio = self.specs[idx].unsqueeze(1)
+            yield (image, audio, *self.labels[idx].unbind(1))
+
+
+def _to_device(array, device, chunk=256):
+    """Copy a (memory-mapped) array to the device in chunks: no full host copy."""
+    dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+    out = torch.empty(array.shape, dtype=dtype, device=device)
+    for start in range(0, len(array), chunk):
+        part = np.array(array[start:start + chunk])  # a writable host copy of one chunk
+        out[start:start + chunk] = torch.from_numpy(part)
+    return out
+
+
 def make_loader(dataset, cfg, runtime, *, train):
-    """DataLoader seeded from cfg['seed']; shuffles the training split only."""
+    """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']);
+    shuffles the training split only."""
+    drop_last = train and len(dataset) > cfg['batch_size']
+    if cfg['data_on_gpu']:
+        return DeviceLoader(dataset, batch_size=cfg['batch_size'], train=train,
+                            shuffle=train and cfg['shuffle'], drop_last=drop_last,
+                            device=runtime.device, seed=cfg['seed'])
     generator = torch.Generator().manual_seed(cfg['seed'])
     workers = cfg['num_workers']
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg['batch_size'], shuffle=train and cfg['shuffle'],
         num_workers=workers, pin_memory=runtime.pin_memory, generator=generator,
-        persistent_workers=workers > 0, drop_last=train and len(dataset) > cfg['batch_size'])
+        persistent_workers=workers > 0, drop_last=drop_last)
 
 
 def make_loaders(cfg, runtime, splits=('train', 'val', 'test')):

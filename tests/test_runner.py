@@ -144,3 +144,30 @@ def test_two_stage_end_to_end(workdir):
     assert (run_dir / 'metrics.json').is_file() and test['num_samples'] == 7
     again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}'))
     assert again['confusion_matrix'] == test['confusion_matrix']
+
+
+def test_device_loader_matches_the_dataset(workdir):
+    """The device-resident loader (CUDA's data_on_gpu path, run here on the CPU)
+    yields the DataLoader's evaluation batches exactly, and training frames
+    from the +-jitter window."""
+    import torch
+
+    import experiment as ex
+    cfg = main.resolve(main.header(), args(workdir))
+    val = ex.make_datasets(cfg, splits=('val',))['val']
+    runtime = ex.Runtime(cfg)
+    reference = next(iter(ex.make_loader(val, cfg, runtime, train=False)))
+    loader = ex.DeviceLoader(val, batch_size=cfg['batch_size'], train=False, shuffle=False,
+                             drop_last=False, device='cpu', seed=0)
+    batch = next(iter(loader))
+    assert len(loader) == 1 and len(batch) == len(reference) == 6
+    for mine, theirs in zip(batch, reference, strict=True):
+        assert torch.equal(mine, theirs)
+    train = ex.DeviceLoader(val, batch_size=4, train=True, shuffle=True, drop_last=True,
+                            device='cpu', seed=0)
+    frames = torch.as_tensor(val.arrays()['frames'])               # (N, W, 128, 128, 3)
+    for image, *_ in train:
+        assert image.shape == (4, 3, 128, 128)
+        # every training image is one of the cached window frames of some clip
+        flat = frames.permute(0, 1, 4, 2, 3).reshape(-1, 3, 128, 128).float() / 255
+        assert all((flat == img).flatten(1).all(1).any() for img in image)
