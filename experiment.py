@@ -286,7 +286,8 @@ class Runtime:
 def make_datasets(cfg, splits=('train', 'val', 'test')):
     """The CREMA-D splits of cfg['data_path'] (training frames drawn at random)."""
     return {split: datasets.get_dataset(
-        cfg['dataset'], cfg['data_path'], split, train=split == 'train', cache=cfg['cache'],
+        cfg['dataset'], cfg['data_path'], split, train=split == 'train',
+        root=cfg.get('media_root'), cache=cfg['cache'],
         cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'],
         workers=max(1, cfg['num_workers'])) for split in splits}
 

@@ -30,6 +30,8 @@ mode = 'multimodal'         # 'multimodal', 'image-only', 'audio-only'
 base_type = 0               # 0 proposed; 1 no reconstruction, no mask; 2 no mask;
 #                             3 no reconstruction; 4 two-ResNet18 comparison model
 data_path = 'data_cremad'   # folder of split configs written by read_cremad.py
+media_root = None           # None: clip paths as stored in data_path; a CREMA-D folder:
+#                             remap them onto it (e.g. the published run's split files)
 balanced = False            # deprecated; True is an error
 num_epoch = 50              # epochs (int > 0)
 batch_size = 128            # (int > 0)
@@ -67,7 +69,7 @@ twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
 # Settings of the machine, not of the model: evaluating a saved run takes these
 # from the current header and everything else from the run's config.json.
 _RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
-                'cache', 'cache_dir', 'data_on_gpu', 'results_dir')
+                'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root')
 
 
 def header():

@@ -165,7 +165,7 @@ def test_device_loader_matches_the_dataset(workdir):
         assert torch.equal(mine, theirs)
     train = ex.DeviceLoader(val, batch_size=4, train=True, shuffle=True, drop_last=True,
                             device='cpu', seed=0)
-    frames = torch.as_tensor(val.arrays()['frames'])               # (N, W, 128, 128, 3)
+    frames = torch.from_numpy(np.array(val.arrays()["frames"]))    # (N, W, 128, 128, 3)
     for image, *_ in train:
         assert image.shape == (4, 3, 128, 128)
         # every training image is one of the cached window frames of some clip
