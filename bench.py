@@ -1,0 +1,825 @@
+"""Throughput benchmark: data loading, training step and epoch time, side by side.
+
+    python bench.py                  # the header below (about 15-20 min on a 2-core CPU)
+    python bench.py --quick=True     # small sizes: a minute or two on a 2-core CPU
+    python bench.py --full=True      # also epochs on a full-size (7,442-clip) twin
+
+Sections (each a table in results.md):
+1. Per-clip cost (ms): the original's path (moviepy decode of the whole FLV, centre
+   frame crop, librosa log-mel), its parts, a PyAV item (CREMADDataset cache=False)
+   and cached items (train: random frame; eval: centre frame). Methods are
+   interleaved clip by clip, in a rotating order, so load on the machine hits all
+   of them alike; speed-up = original median / method median.
+2. Loader throughput (items/s) of experiment.make_loader: raw (decode per item) vs
+   cached, per worker count, plus the device-resident DeviceLoader (data_on_gpu)
+   when experiment.py has it. Timed from the first batch on (worker start-up is
+   excluded: it is paid once per run with persistent workers).
+3. Training step (samples/s, peak memory) of base_type 0-4 at the paper's widths
+   (model.PAPER_CONFIG) on random batches, through experiment.run_epoch: the real
+   step (Runtime.to_device, autocast, compute_loss, backward, Adam). On CUDA also
+   fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on for
+   compile_base_types.
+   Reference: on CPU the project's step is compared with `ReferenceModel`, a
+   straightforward implementation of the same base_type 0 architecture written the
+   way the original and the classic VQ-VAE notebook do it: plain nn.Sequential
+   stacks, VQ through an explicit (N, K) distance matrix, a one-hot encodings
+   matrix, codes gathered by one-hot @ codebook, EMA statistics and perplexity from
+   that one-hot matrix, and a straight-through mask written inline. Its EMA state
+   lives in buffers, like the project's, so both have exactly the same trainable
+   parameters (asserted); the comparison is then about the computation, not about
+   what the optimizer updates. (The original re-creates nn.Parameters inside
+   forward; that changes what Adam sees, so copying it would not be like for like.)
+   Both run through the same run_epoch, at the same batch size and thread count,
+   in alternating rounds.
+   Memory: CUDA: torch.cuda.max_memory_allocated (the model alone on the device).
+   CPU: the peak resident set size above the one before the timed steps (activations,
+   gradients and transients; the weights and Adam state made during warm-up are not
+   counted), with freed heap pages first handed back to the OS (glibc malloc_trim):
+   otherwise the steps reuse them and no growth shows. The peak is read from VmHWM
+   after resetting it through /proc/self/clear_refs (Linux); where that fails, the
+   growth of ru_maxrss, which shows only a new high-water mark. results.json says
+   which was used.
+4. (full=True) Epoch time of main-style training (experiment.fit, main.py's header
+   with the overrides below) on a full-size twin rendered like ../shared/crema-d,
+   once its cache exists; on CUDA also the GPU utilisation sampled with nvidia-smi.
+
+Results go to out_dir/<YYYYmmdd-HHMMSS>/ (results.json, results.md; a new folder
+every run) with the machine's facts and the exact argv. The bench twin and its
+caches live under bench/ (gitignored) and are reused by later runs.
+"""
+import ctypes
+import gc
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets
+import experiment as ex
+import media
+import model as models
+from configurator import configure_or_exit, read_config_file
+
+# ------------------------------------------------------------------------------------------
+# config: edit here, or override with a config file / --key=value (values are type-checked)
+quick = False               # True: small sizes (QUICK below) for keys not set explicitly
+full = False                # True: also time epochs on a full-size twin (~15 min to render
+#                             on 2 cores, ~13 GB of cache), see the full_* keys
+seed = 0                    # random batches, shuffles and frame draws
+out_dir = 'bench'           # results go to out_dir/<YYYYmmdd-HHMMSS>/
+twin_root = 'bench/twin/CREMA-D'  # bench twin (made if missing; full-length clips)
+data_path = 'bench/data'    # its split configs (made if missing)
+cache_dir = 'bench/cache'   # decode-once caches of the bench (and the full twin)
+twin_actors = 1             # actors of the bench twin (82 clips each)
+decode_clips = 8            # clips timed per per-clip method
+decode_rounds = 3           # passes over those clips
+loader_items = 256          # items timed per loader measurement
+loader_workers = (0, 1, 2)  # DataLoader worker counts to compare
+loader_batch_size = 32      # batch size of the loader measurements
+batch_size = 16             # training-step batch on CPU
+cuda_batch_size = 128       # training-step batch on CUDA (the paper's)
+base_types = (0, 1, 2, 3, 4)  # models of the training-step section
+reference = True            # also time ReferenceModel (base_type 0) on CPU
+warmup_steps = 2            # untimed steps before each measurement
+train_steps = 4             # timed steps per round
+train_rounds = 2            # CPU: rounds, alternating between models
+compile_base_types = (0,)   # CUDA: base types also timed with torch.compile
+num_threads = 0             # torch CPU threads (0: torch's default)
+full_root = 'bench/full/CREMA-D'  # full=True: the 7,442-clip twin
+full_data_path = 'bench/full-data'  # its split configs
+full_epochs = 1             # epochs timed per loader kind
+full_batch_size = 128       # training batch of the full run
+full_workers = 2            # DataLoader workers of the full run
+# ------------------------------------------------------------------------------------------
+
+# What quick=True changes (keys given on the command line keep their value).
+QUICK = {'decode_clips': 3, 'decode_rounds': 2, 'loader_items': 64, 'loader_workers': (0, 2),
+         'loader_batch_size': 16, 'batch_size': 4, 'cuda_batch_size': 32,
+         'base_types': (0, 1), 'warmup_steps': 1, 'train_steps': 1, 'compile_base_types': ()}
+SHARED_CREMAD = Path(__file__).resolve().parent.parent / 'shared' / 'crema-d'
+VARIANCES = (1.0, 1.0)  # the loss's scale does not change the step's cost
+PAPER_PARAMETERS = 1_935_306  # model.build_model(PAPER_CONFIG), decay 0.99
+
+
+def _positive_int(v):
+    """a positive int"""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v):
+    """an int >= 0"""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _workers(v):
+    """a tuple of ints >= 0, e.g. (0, 1, 2)"""
+    return isinstance(v, tuple) and len(v) > 0 and all(map(_non_negative_int, v))
+
+
+def _base_types(v):
+    """a tuple of base types from 0, 1, 2, 3, 4, e.g. (0, 1)"""
+    return isinstance(v, tuple) and all(b in models.BASE_TYPES for b in v)
+
+
+CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': _non_negative_int,
+           'twin_actors': _positive_int, 'decode_clips': _positive_int,
+           'decode_rounds': _positive_int, 'loader_items': _positive_int,
+           'loader_workers': _workers, 'loader_batch_size': _positive_int,
+           'batch_size': _positive_int, 'cuda_batch_size': _positive_int,
+           'base_types': _base_types, 'reference': (True, False),
+           'warmup_steps': _non_negative_int, 'train_steps': _positive_int,
+           'train_rounds': _positive_int, 'compile_base_types': _base_types,
+           'num_threads': _non_negative_int, 'full_epochs': _positive_int,
+           'full_batch_size': _positive_int, 'full_workers': _non_negative_int}
+
+
+def resolve(argv):
+    """Header constants with overrides; quick=True shrinks the keys not set explicitly."""
+    cfg = configure_or_exit(globals(), argv, CHOICES)
+    if cfg['quick']:
+        given = set()
+        for arg in argv:
+            given |= ({arg[2:].partition('=')[0]} if arg.startswith('--')
+                      else set(read_config_file(arg)))
+        cfg.update({k: v for k, v in QUICK.items() if k not in given})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sync(device):
+    """Wait for queued GPU work, so that wall-clock time covers it."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def summary_ms(seconds):
+    """{'mean_ms', 'median_ms', 'n'} of a list of durations in seconds."""
+    ms = [1000 * s for s in seconds]
+    return {'mean_ms': statistics.fmean(ms), 'median_ms': statistics.median(ms), 'n': len(ms)}
+
+
+def cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """Facts that decide the numbers: CPU, cores, threads, library versions, GPU."""
+    info = {'cpu': cpu_model(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            **ex.versions()}
+    info['cuda_device'] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return info
+
+
+def warm_up_librosa():
+    """librosa compiles its kernels on first use (~10 s): keep that out of the timings."""
+    media.log_mel(np.zeros(media.AUDIO_RATE, np.float32))
+
+
+# ----------------------------------------------------------------------------- the bench twin
+
+def prepare_twin(cfg):
+    """The bench twin (full-length clips: moviepy's audio reader fails on clips under
+    1 s) and its split configs with the train cache, made if missing."""
+    if (Path(cfg['data_path']) / 'train_videos.pkl').is_file():
+        return
+    import read_cremad
+    import synth_cremad
+    print(f'making the bench twin at {cfg["twin_root"]} and its splits in {cfg["data_path"]}')
+    workers = os.cpu_count() or 1
+    synth_cremad.generate(root=cfg['twin_root'], num_actors=cfg['twin_actors'],
+                          seed=cfg['seed'], workers=workers, duration_scale=1.0)
+    read_cremad.build_splits(root=cfg['twin_root'], data_path=cfg['data_path'],
+                             seed=cfg['seed'], workers=workers, cache_dir=cfg['cache_dir'])
+
+
+def bench_dataset(data_path, cache_dir, *, cache, train, split='train'):
+    return datasets.CREMADDataset(data_path, split, train=train, cache=cache,
+                                  cache_dir=cache_dir, progress=False)
+
+
+# ----------------------------------------------------------------------------- 1. per clip
+
+def original_item(path):
+    """The original code's per-item work: moviepy decode, centre crop, log-mel."""
+    frames, audio, _, rate = media.read_flv(path, 'moviepy')
+    face = media.face_crop(frames[media.centre_index(len(frames))])
+    return face, media.log_mel(audio.mean(axis=0), rate)
+
+
+def pyav_decode(path):
+    return media.read_flv(path, 'pyav')
+
+
+def decode_methods(data_path, cache_dir, clips, original=True):
+    """({name: f(i)}, number of clips) for the per-clip comparison, the original first."""
+    raw = bench_dataset(data_path, cache_dir, cache=False, train=False)
+    cached_train = bench_dataset(data_path, cache_dir, cache=True, train=True)
+    cached_eval = bench_dataset(data_path, cache_dir, cache=True, train=False)
+    paths = raw.paths
+    clips = min(clips, len(paths))
+    audio = [pyav_decode(paths[i])[1].mean(axis=0) for i in range(clips)]  # for log-mel only
+    methods = {}
+    if original:
+        methods['original: moviepy + crop + log-mel'] = lambda i: original_item(paths[i])
+        methods['moviepy decode only'] = lambda i: media.read_flv(paths[i], 'moviepy')
+    methods.update({
+        'PyAV decode only': lambda i: pyav_decode(paths[i]),
+        'log-mel only': lambda i: media.log_mel(audio[i]),
+        'PyAV item (cache=False)': raw.__getitem__,
+        'cached train item': cached_train.__getitem__,
+        'cached eval item': cached_eval.__getitem__,
+    })
+    return methods, clips
+
+
+def measure_decode(data_path, cache_dir, *, clips, rounds, original=True):
+    """Per-clip cost of each method (mean and median ms) and its speed-up over the
+    original (or, without it, over the PyAV item). Clip by clip, every method runs
+    once, in an order rotated each time."""
+    warm_up_librosa()
+    methods, n = decode_methods(data_path, cache_dir, clips, original)
+    names = list(methods)
+    for name in names:  # first calls import and set up decoders; cached reads fill the page cache
+        for i in range(n if 'cached' in name else 1):
+            methods[name](i)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(n):
+            shift = (r * n + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                methods[name](i)
+                times[name].append(time.perf_counter() - start)
+    rows = [{'method': name, **summary_ms(t)} for name, t in times.items()]
+    base = rows[0]['median_ms']
+    for row in rows:
+        row['speedup_vs_' + ('original' if original else 'pyav_item')] = base / row['median_ms']
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. loaders
+
+def loader_config(batch_size, workers, seed, data_on_gpu=False):
+    """The keys experiment.make_loader reads."""
+    return {'batch_size': batch_size, 'num_workers': workers, 'shuffle': True, 'seed': seed,
+            'data_on_gpu': data_on_gpu}
+
+
+def items_per_second(loader, items, device):
+    """Items/s over `items` items, from the first batch on; epochs restart as needed."""
+    it = iter(loader)
+    next(it)  # worker start-up and first fetch: not steady state
+    count, start = 0, time.perf_counter()
+    while count < items:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        count += len(batch[0])
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {'items': count, 'seconds': seconds, 'items_per_s': count / seconds}
+
+
+def measure_loaders(data_path, cache_dir, *, workers, items, batch_size, runtime, seed):
+    """Rows of items/s: raw (PyAV decode per item) and cached DataLoaders per worker
+    count, then the DeviceLoader (on runtime.device) if experiment.py has one."""
+    warm_up_librosa()  # before forking workers, as build_cache does
+    rows = []
+    for cache in (False, True):
+        dataset = bench_dataset(data_path, cache_dir, cache=cache, train=True)
+        for w in workers:
+            loader = ex.make_loader(dataset, loader_config(batch_size, w, seed), runtime,
+                                    train=True)
+            rows.append({'loader': 'cached' if cache else 'raw (PyAV decode)', 'workers': w,
+                         **items_per_second(loader, items, runtime.device)})
+            del loader  # stops its persistent workers before the next measurement
+            gc.collect()
+    if hasattr(ex, 'DeviceLoader'):
+        rows.append(measure_device_loader(data_path, cache_dir, items=items,
+                                          batch_size=batch_size, runtime=runtime, seed=seed))
+    return rows
+
+
+def measure_device_loader(data_path, cache_dir, *, items, batch_size, runtime, seed):
+    dataset = bench_dataset(data_path, cache_dir, cache=True, train=True)
+    start = time.perf_counter()
+    loader = ex.make_loader(dataset, loader_config(batch_size, 0, seed, data_on_gpu=True),
+                            runtime, train=True)
+    sync(runtime.device)
+    setup = time.perf_counter() - start
+    return {'loader': f'DeviceLoader ({runtime.device})', 'workers': 0,
+            'setup_seconds': setup, **items_per_second(loader, items, runtime.device)}
+
+
+# ----------------------------------------------------------------------------- 3. reference
+
+class RefResidual(nn.Module):
+    def __init__(self, h, r):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.BatchNorm2d(h), nn.ReLU(), nn.Conv2d(h, r, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(r), nn.ReLU(), nn.Conv2d(r, h, 1, bias=False))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def ref_stack(h, r, n):
+    return [RefResidual(h, r) for _ in range(n)] + [nn.BatchNorm2d(h), nn.ReLU()]
+
+
+def ref_encoder(c, h, r, n, pool):
+    layers = [nn.Conv2d(c, h // 2, 4, 2, 1), nn.BatchNorm2d(h // 2), nn.ReLU(),
+              nn.Conv2d(h // 2, h, 4, 2, 1), nn.BatchNorm2d(h), nn.ReLU(),
+              nn.Conv2d(h, h, 3, 1, 1)]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(3, 2, 1)] if pool else []),
+                         *ref_stack(h, r, n))
+
+
+def ref_decoder(d, h, r, n, c, upsamples):
+    layers = [nn.Conv2d(d, h, 3, 1, 1), *ref_stack(h, r, n)]
+    for _ in range(upsamples - 1):
+        layers += [nn.ConvTranspose2d(h, h // 2, 4, 2, 1), nn.BatchNorm2d(h // 2), nn.ReLU()]
+        h //= 2
+    return nn.Sequential(*layers, nn.ConvTranspose2d(h, c, 4, 2, 1))
+
+
+class RefVQEMA(nn.Module):
+    """The classic notebook's EMA quantizer (one-hot encodings), state in buffers."""
+
+    def __init__(self, k, d, beta, decay, eps=1e-5):
+        super().__init__()
+        self.k, self.beta, self.decay, self.eps = k, beta, decay, eps
+        self.register_buffer('embedding', torch.randn(k, d))
+        self.register_buffer('ema_cluster_size', torch.zeros(k))
+        self.register_buffer('ema_w', torch.randn(k, d))
+
+    def forward(self, z):
+        x = z.permute(0, 2, 3, 1).contiguous()
+        flat = x.view(-1, x.shape[-1])
+        distances = (torch.sum(flat ** 2, dim=1, keepdim=True) + torch.sum(self.embedding ** 2, 1)
+                     - 2 * torch.matmul(flat, self.embedding.t()))
+        encodings = torch.zeros(flat.shape[0], self.k, device=z.device)
+        encodings.scatter_(1, torch.argmin(distances, dim=1).unsqueeze(1), 1)
+        quantized = torch.matmul(encodings, self.embedding).view(x.shape)
+        if self.training:
+            with torch.no_grad():
+                size = self.ema_cluster_size * self.decay + (1 - self.decay) * encodings.sum(0)
+                total = size.sum()
+                self.ema_cluster_size = (size + self.eps) / (total + self.k * self.eps) * total
+                dw = torch.matmul(encodings.t(), flat)
+                self.ema_w = self.ema_w * self.decay + (1 - self.decay) * dw
+                self.embedding = self.ema_w / self.ema_cluster_size.unsqueeze(1)
+        loss = self.beta * F.mse_loss(quantized.detach(), x)
+        quantized = x + (quantized - x).detach()
+        avg = encodings.mean(0)
+        perplexity = torch.exp(-torch.sum(avg * torch.log(avg + 1e-10)))
+        return loss, quantized.permute(0, 3, 1, 2).contiguous(), perplexity
+
+
+class ReferenceModel(nn.Module):
+    """Straightforward base_type 0 (multimodal, EMA codebook, binarizer mask); see the
+    module docstring. forward returns a model.ModelOutput, so compute_loss and
+    run_epoch treat it like the project's Model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h, r, n = cfg['num_hiddens'], cfg['num_residual_hiddens'], cfg['num_residual_layers']
+        d, k = cfg['embedding_dim'], cfg['num_embeddings']
+        self.threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']
+        self.enc1, self.enc2 = ref_encoder(3, h, r, n, False), ref_encoder(1, h, r, n, True)
+        self.pre1, self.pre2 = nn.Conv2d(h, d, 1), nn.Conv2d(h, d, 1)
+        self.vq1, self.vq2 = (RefVQEMA(k, d, cfg['commitment_cost'], cfg['decay'])
+                              for _ in range(2))
+        self.dec1, self.dec2 = ref_decoder(d, h, r, n, 3, 2), ref_decoder(d, h, r, n, 1, 3)
+        self.mask = nn.Parameter(torch.full((2 * d, 1, 1), cfg['mask_scale']))
+        half = d // 2
+        self.solver = nn.Sequential(
+            nn.Conv2d(2 * d, half, 3, 2, 1), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, 2, 1), nn.Dropout(0.5), *ref_stack(half, max(1, d // 8), n),
+            nn.Flatten(), nn.Linear(half * 64, 256), nn.BatchNorm1d(256), nn.ReLU(),
+            nn.Dropout(0.5), nn.Linear(256, cfg['num_classes']))
+
+    def forward(self, image, audio):
+        loss1, q1, p1 = self.vq1(self.pre1(self.enc1(image)))
+        loss2, q2, p2 = self.vq2(self.pre2(self.enc2(audio)))
+        hard = (self.mask > self.threshold).float()
+        mask = self.mask + (hard - self.mask).detach()  # straight-through binarizer
+        logits = self.solver(torch.cat([q1, q2], dim=1) * mask)
+        return models.ModelOutput(logits=logits, vq_loss=loss1 + loss2,
+                                  recon_image=self.dec1(q1), recon_audio=self.dec2(q2),
+                                  perplexity_image=p1, perplexity_audio=p2)
+
+    def mask_regularization(self):
+        return self.mask.sum()
+
+
+def build_reference(model_cfg):
+    """ReferenceModel of model_cfg, checked to train the same parameters as build_model."""
+    reference_net = ReferenceModel(model_cfg)
+    ours = models.count_parameters(models.build_model({**model_cfg, 'base_type': 0}))
+    theirs = models.count_parameters(reference_net)
+    assert theirs == ours, f'reference has {theirs:,} trainable parameters, Model has {ours:,}'
+    return reference_net
+
+
+# ----------------------------------------------------------------------------- 3. training step
+
+def random_batch(batch_size, seed):
+    """A batch in the loaders' format; log-mel-like values for the audio."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch_size, 3, media.IMAGE_SIZE, media.IMAGE_SIZE, generator=g)
+    audio = -40 + 15 * torch.randn(batch_size, 1, media.MEL['n_mels'], media.SPEC_FRAMES,
+                                   generator=g)
+    labels = [torch.randint(0, n, (batch_size,), generator=g) for n in (6, 4, 2, 12)]
+    return (image, audio, *labels)
+
+
+@contextmanager
+def peak_memory(device):
+    """Yields a dict that gets 'peak_mb' (see the module docstring) and 'method'."""
+    result = {}
+    if torch.device(device).type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        result.update(peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                      method='torch.cuda.max_memory_allocated')
+        return
+    trimmed = _release_free_memory()
+    before, reset = _rss_kb('VmRSS'), _reset_peak_rss()
+    before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield result
+    if reset:
+        result.update(peak_mb=(_rss_kb('VmHWM') - before) / 1024,
+                      method='VmHWM (reset via /proc/self/clear_refs) - VmRSS before'
+                      + (' (after malloc_trim)' if trimmed else ''))
+    else:
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_max
+        result.update(peak_mb=grown / 1024, method='ru_maxrss growth (a lower bound)')
+
+
+def _release_free_memory():
+    """Hand freed heap pages back to the OS (glibc malloc_trim): otherwise memory freed
+    by an earlier measurement stays resident, is reused, and hides this one's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return True
+
+
+def _rss_kb(field):
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss():
+    """Reset the kernel's peak-RSS counter (Linux); False where it cannot be reset."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return _rss_kb('VmHWM') > 0
+    except OSError:
+        return False
+
+
+class StepTimer:
+    """One model ready to train: optimizer, batch, warm-up done; time(steps) runs the
+    real training step (experiment.run_epoch) and returns (seconds, memory)."""
+
+    def __init__(self, net, runtime, *, batch_size, warmup, seed, compile=False):
+        self.net = runtime.prepare(net)
+        self.runtime, self.batch_size = runtime, batch_size
+        self.step_net = torch.compile(self.net) if compile else self.net
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.batch = random_batch(batch_size, seed)
+        if warmup:
+            self._run(warmup)
+
+    def _run(self, steps):
+        ex.run_epoch(self.step_net, [self.batch] * steps, self.runtime, VARIANCES,
+                     {'regularization': True}, self.optimizer)
+
+    def time(self, steps):
+        sync(self.runtime.device)
+        with peak_memory(self.runtime.device) as memory:
+            start = time.perf_counter()
+            self._run(steps)
+            sync(self.runtime.device)
+            seconds = time.perf_counter() - start
+        return seconds, memory
+
+
+def train_row(label, base_type, runtime, batch_size, seconds, steps, memory, **extra):
+    return {'model': label, 'base_type': base_type, 'device': str(runtime.device),
+            'precision': 'bf16' if runtime.amp else 'fp32',
+            'channels_last': runtime.channels_last, 'compile': False, **extra,
+            'batch_size': batch_size, 'steps': steps, 'samples_per_s': batch_size * steps / seconds,
+            'ms_per_step': 1000 * seconds / steps, 'peak_mb': memory['peak_mb'],
+            'memory_method': memory['method']}
+
+
+def cpu_runtime():
+    return ex.Runtime({'device': 'cpu', 'amp': 'off', 'channels_last': False})
+
+
+def measure_train_cpu(model_cfg, *, base_types, reference, batch_size, warmup, steps,
+                      rounds, seed):
+    """CPU rows: every base type (and the reference), in `rounds` alternating rounds of
+    `steps` steps; throughput from the total time, memory the largest peak."""
+    runtime = cpu_runtime()
+    timers = {}
+    for b in base_types:
+        torch.manual_seed(seed)
+        net = models.build_model({**model_cfg, 'base_type': b})
+        timers[(f'Model (base_type {b})', b)] = StepTimer(net, runtime, batch_size=batch_size,
+                                                          warmup=warmup, seed=seed)
+    if reference:
+        torch.manual_seed(seed)
+        timers[('ReferenceModel (straightforward)', 0)] = StepTimer(
+            build_reference(model_cfg), runtime, batch_size=batch_size, warmup=warmup, seed=seed)
+    totals = {key: [0.0, []] for key in timers}
+    keys = list(timers)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            seconds, memory = timers[key].time(steps)
+            totals[key][0] += seconds
+            totals[key][1].append(memory)
+    return [train_row(label, b, runtime, batch_size, total, steps * rounds,
+                      max(mems, key=lambda m: m['peak_mb']))
+            for (label, b), (total, mems) in totals.items()]
+
+
+def cuda_variants(base_type, compile_base_types):
+    """(amp, channels_last, compile) combinations timed on CUDA for a base type."""
+    compiles = (False, True) if base_type in compile_base_types else (False,)
+    return [(amp, cl, c) for c in compiles for amp in ('off', 'bf16') for cl in (False, True)]
+
+
+def measure_train_cuda(model_cfg, *, base_types, compile_base_types, batch_size, warmup,
+                       steps, seed):
+    """CUDA rows, one model on the device at a time (so its peak memory is its own)."""
+    rows = []
+    for b in base_types:
+        for amp, channels_last, compiled in cuda_variants(b, compile_base_types):
+            runtime = ex.Runtime({'device': 'cuda', 'amp': amp, 'channels_last': channels_last})
+            torch.manual_seed(seed)
+            net = models.build_model({**model_cfg, 'base_type': b})
+            start = time.perf_counter()
+            timer = StepTimer(net, runtime, batch_size=batch_size, warmup=max(warmup, 3 * compiled),
+                              seed=seed, compile=compiled)
+            warm = time.perf_counter() - start
+            seconds, memory = timer.time(steps)
+            rows.append(train_row(f'Model (base_type {b})', b, runtime, batch_size, seconds,
+                                  steps, memory, compile=compiled, warmup_seconds=warm))
+            del timer, net
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- 4. full epochs
+
+class GpuUtilization:
+    """Samples nvidia-smi's utilization.gpu (first GPU) every `interval` s in a thread."""
+
+    def __init__(self, interval=0.5):
+        self.interval, self.samples = interval, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        command = ['nvidia-smi', '--query-gpu=utilization.gpu', '--format=csv,noheader,nounits']
+        while not self.stop.wait(self.interval):
+            try:
+                out = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                return
+
+    def __enter__(self):
+        if shutil.which('nvidia-smi') and torch.cuda.is_available():
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def mean(self):
+        return statistics.fmean(self.samples) if self.samples else None
+
+
+def prepare_full(cfg):
+    """The full-size twin (like ../shared/crema-d) and its split configs and cache."""
+    if (Path(cfg['full_data_path']) / 'train_videos.pkl').is_file():
+        return
+    import read_cremad
+    import synth_cremad
+    workers = os.cpu_count() or 1
+    synth_cremad.generate(root=cfg['full_root'], like=str(SHARED_CREMAD), seed=cfg['seed'],
+                          workers=workers)
+    read_cremad.build_splits(root=cfg['full_root'], data_path=cfg['full_data_path'],
+                             seed=cfg['seed'], workers=workers, cache_dir=cfg['cache_dir'])
+
+
+def main_config(cfg, data_on_gpu):
+    """main.py's header with the bench's data, sizes and loader."""
+    import main
+    return {**main.header(), 'data_path': cfg['full_data_path'], 'cache_dir': cfg['cache_dir'],
+            'num_epoch': cfg['full_epochs'], 'batch_size': cfg['full_batch_size'],
+            'num_workers': cfg['full_workers'], 'seed': cfg['seed'], 'cache': True,
+            'data_on_gpu': data_on_gpu}
+
+
+def measure_full(cfg, run_dir):
+    """Epoch seconds of experiment.fit per loader kind (DataLoader; DeviceLoader on CUDA)."""
+    from read_variances import read_variances
+    prepare_full(cfg)
+    kinds = [False] + ([True] if torch.cuda.is_available() and hasattr(ex, 'DeviceLoader')
+                       else [])
+    rows = []
+    for data_on_gpu in kinds:
+        mcfg = main_config(cfg, data_on_gpu)
+        ex.seed_everything(mcfg['seed'])
+        runtime = ex.Runtime(mcfg)
+        loaders = ex.make_loaders(mcfg, runtime, splits=('train', 'val'))
+        net = runtime.prepare(models.build_model(ex.model_config(mcfg)))
+        log = ex.Log(run_dir / 'full_log.txt')
+        with GpuUtilization() as gpu:
+            history = ex.fit(net, loaders, runtime, read_variances(mcfg['data_path']), mcfg,
+                             log, run_dir / 'full_model.pt')
+        log.close()
+        rows.append({'loader': 'DeviceLoader' if data_on_gpu else
+                     f'DataLoader ({mcfg["num_workers"]} workers, cached)',
+                     'device': str(runtime.device), 'precision': 'bf16' if runtime.amp else 'fp32',
+                     'batch_size': mcfg['batch_size'], 'train_items': len(loaders['train'].dataset),
+                     'epochs': len(history['epoch_seconds']),
+                     'epoch_seconds': statistics.fmean(history['epoch_seconds']),
+                     'gpu_utilization_pct': gpu.mean()})
+        (run_dir / 'full_model.pt').unlink(missing_ok=True)  # only the timing matters here
+    return rows
+
+
+# ----------------------------------------------------------------------------- results
+
+COLUMNS = {
+    'decode': [('method', 'method', '{}'), ('mean ms', 'mean_ms', '{:.1f}'),
+               ('median ms', 'median_ms', '{:.1f}'), ('n', 'n', '{}'),
+               ('speed-up vs original (median)', 'speedup_vs_original', '{:.1f}x'),
+               ('speed-up vs PyAV item (median)', 'speedup_vs_pyav_item', '{:.1f}x')],
+    'loaders': [('loader', 'loader', '{}'), ('workers', 'workers', '{}'),
+                ('items/s', 'items_per_s', '{:.1f}'), ('items', 'items', '{}'),
+                ('set-up s', 'setup_seconds', '{:.2f}')],
+    'train': [('model', 'model', '{}'), ('device', 'device', '{}'),
+              ('precision', 'precision', '{}'), ('channels_last', 'channels_last', '{}'),
+              ('compile', 'compile', '{}'), ('batch', 'batch_size', '{}'), ('steps', 'steps', '{}'),
+              ('samples/s', 'samples_per_s', '{:.2f}'), ('ms/step', 'ms_per_step', '{:.0f}'),
+              ('peak MB', 'peak_mb', '{:.0f}')],
+    'full': [('loader', 'loader', '{}'), ('device', 'device', '{}'),
+             ('precision', 'precision', '{}'), ('batch', 'batch_size', '{}'),
+             ('train items', 'train_items', '{}'), ('epochs', 'epochs', '{}'),
+             ('epoch s', 'epoch_seconds', '{:.1f}'),
+             ('GPU util %', 'gpu_utilization_pct', '{:.0f}')],
+}
+TITLES = {'decode': 'Per-clip cost', 'loaders': 'Loader throughput',
+          'train': 'Training step', 'full': 'Full-size epochs'}
+
+
+def table(rows, columns):
+    """Markdown table of rows with the columns some row has; blanks where a row lacks one."""
+    columns = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
+    lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |',
+             '|' + '|'.join('---' for _ in columns) + '|']
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else ''
+                 for _, key, fmt in columns]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def markdown(results):
+    m = results['machine']
+    lines = [f'# bench.py, {results["started"]}', '',
+             f'`{" ".join(results["argv"])}`; CPU {m["cpu"]} ({m["cores"]} cores, '
+             f'{m["torch_threads"]} torch threads), torch {m["torch"]}, '
+             f'GPU {m["cuda_device"] or "none"}']
+    for section, title in TITLES.items():
+        if results.get(section):
+            lines += ['', f'## {title}', '', table(results[section], COLUMNS[section])]
+    for note in results.get('notes', []):
+        lines += ['', note]
+    return '\n'.join(lines) + '\n'
+
+
+def comparison_notes(results):
+    """One-line summaries: cached vs original, project vs reference."""
+    notes = []
+    decode = {row['method']: row for row in results.get('decode', [])}
+    original = decode.get('original: moviepy + crop + log-mel')
+    for name in ('cached train item', 'cached eval item'):
+        if original and name in decode:
+            notes.append(f'{name}: {original["median_ms"] / decode[name]["median_ms"]:.0f}x '
+                         f'faster than the original path (median).')
+    train = {row['model']: row for row in results.get('train', []) if row['device'] == 'cpu'}
+    ours, ref = train.get('Model (base_type 0)'), train.get('ReferenceModel (straightforward)')
+    if ours and ref:
+        notes.append(f'CPU training step, base_type 0: Model {ours["samples_per_s"]:.2f} vs '
+                     f'reference {ref["samples_per_s"]:.2f} samples/s '
+                     f'(ratio {ours["samples_per_s"] / ref["samples_per_s"]:.2f}).')
+    return notes
+
+
+def write_results(run_dir, results):
+    """results.json and results.md in run_dir; returns the markdown."""
+    results['notes'] = comparison_notes(results)
+    ex.save_json(Path(run_dir) / 'results.json', results)
+    text = markdown(results)
+    ex.atomic_write(Path(run_dir) / 'results.md', lambda f: f.write(text.encode()))
+    return text
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_sections(cfg, results, save, run_dir):
+    """Fill results section by section, saving after each (a crash keeps the rest)."""
+    prepare_twin(cfg)
+    results['decode'] = measure_decode(cfg['data_path'], cfg['cache_dir'],
+                                       clips=cfg['decode_clips'], rounds=cfg['decode_rounds'])
+    save()
+    runtime = ex.Runtime({'device': 'auto', 'amp': 'auto', 'channels_last': 'auto'})
+    results['loaders'] = measure_loaders(
+        cfg['data_path'], cfg['cache_dir'], workers=cfg['loader_workers'],
+        items=cfg['loader_items'], batch_size=cfg['loader_batch_size'], runtime=runtime,
+        seed=cfg['seed'])
+    save()
+    model_cfg = dict(models.PAPER_CONFIG)
+    results['train'] = measure_train_cpu(
+        model_cfg, base_types=cfg['base_types'], reference=cfg['reference'],
+        batch_size=cfg['batch_size'], warmup=cfg['warmup_steps'], steps=cfg['train_steps'],
+        rounds=cfg['train_rounds'], seed=cfg['seed'])
+    save()
+    if torch.cuda.is_available():
+        results['train'] += measure_train_cuda(
+            model_cfg, base_types=cfg['base_types'], compile_base_types=cfg['compile_base_types'],
+            batch_size=cfg['cuda_batch_size'], warmup=cfg['warmup_steps'],
+            steps=cfg['train_steps'], seed=cfg['seed'])
+        save()
+    if cfg['full']:
+        results['full'] = measure_full(cfg, run_dir)
+        save()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = resolve(argv)
+    if cfg['num_threads']:
+        torch.set_num_threads(cfg['num_threads'])
+    run_dir = ex.new_run_dir(cfg['out_dir'])
+    results = {'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+               'config': cfg, 'machine': machine()}
+    start = time.time()
+
+    def save():
+        results['seconds'] = time.time() - start
+        return write_results(run_dir, results)
+    print(f'bench: writing {run_dir}')
+    run_sections(cfg, results, save, run_dir)
+    print(save(), end='')
+    print(f'bench: {results["seconds"]:.0f} s; results in {run_dir}')
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,76 @@
+"""bench.py: its measuring pieces on tiny sizes, and the files they write."""
+import json
+
+import pytest
+
+import bench
+import model as models
+
+# Paper layout at toy widths: the inputs keep their real sizes, the convs get cheap.
+TINY_MODEL = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
+              'embedding_dim': 8, 'num_embeddings': 16}
+
+
+@pytest.fixture(scope='module')
+def bench_data(twin, tmp_path_factory):
+    """Split configs (and the train cache) of the tiny twin."""
+    import read_cremad
+    out = tmp_path_factory.mktemp('bench')
+    read_cremad.build_splits(root=twin, data_path=out / 'data', workers=2,
+                             cache_dir=out / 'cache', progress=False)
+    return out / 'data', out / 'cache'
+
+
+def test_reference_trains_the_paper_models_parameters():
+    reference = bench.build_reference(dict(models.PAPER_CONFIG))
+    assert models.count_parameters(reference) == bench.PAPER_PARAMETERS
+
+
+def test_original_path_reads_a_full_length_clip(tmp_path):
+    # moviepy's audio reader fails on clips under 1 s, so not on the tiny twin's
+    import synth_cremad
+    root = tmp_path / 'CREMA-D'
+    synth_cremad.generate(root=root, num_actors=1, sentences='DFA', duration_scale=1.0,
+                          progress=False)
+    face, spec = bench.original_item(sorted((root / 'VideoFlash').glob('*.flv'))[0])
+    assert face.shape == (128, 128, 3) and spec.shape == (256, 256)
+
+
+def test_quick_keeps_explicit_overrides():
+    cfg = bench.resolve(['--quick=True', '--batch_size=8'])
+    assert cfg['batch_size'] == 8 and cfg['train_steps'] == bench.QUICK['train_steps']
+    assert bench.resolve([])['base_types'] == (0, 1, 2, 3, 4)
+    with pytest.raises(SystemExit):
+        bench.resolve(['--base_types=(5,)'])
+
+
+def test_pieces_write_results(bench_data, tmp_path):
+    data_path, cache_dir = bench_data
+    results = {'argv': ['bench.py', '--test'], 'started': 'now', 'config': bench.resolve([]),
+               'machine': bench.machine()}
+    results['decode'] = bench.measure_decode(data_path, cache_dir, clips=2, rounds=1,
+                                             original=False)
+    results['loaders'] = bench.measure_loaders(
+        data_path, cache_dir, workers=(0,), items=4, batch_size=2,
+        runtime=bench.cpu_runtime(), seed=0)
+    results['train'] = bench.measure_train_cpu(
+        TINY_MODEL, base_types=(0, 1), reference=True, batch_size=2, warmup=1, steps=1,
+        rounds=2, seed=0)
+    text = bench.write_results(tmp_path, results)
+
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    assert (tmp_path / 'results.md').read_text() == text
+    assert {'argv', 'config', 'machine', 'decode', 'loaders', 'train', 'notes'} <= set(saved)
+    assert {'cpu', 'cores', 'torch', 'cuda_device'} <= set(saved['machine'])
+    assert {r['method'] for r in saved['decode']} >= {'PyAV item (cache=False)',
+                                                      'cached train item', 'cached eval item'}
+    assert all(r['median_ms'] > 0 and r['mean_ms'] > 0 for r in saved['decode'])
+    assert {r['loader'] for r in saved['loaders']} >= {'raw (PyAV decode)', 'cached'}
+    assert all(r['items_per_s'] > 0 for r in saved['loaders'])
+    models_timed = [r['model'] for r in saved['train']]
+    assert models_timed == ['Model (base_type 0)', 'Model (base_type 1)',
+                            'ReferenceModel (straightforward)']
+    assert all(r['samples_per_s'] > 0 and r['peak_mb'] >= 0 for r in saved['train'])
+    for title in ('## Per-clip cost', '## Loader throughput', '## Training step'):
+        assert title in text
+    assert any('reference' in note for note in saved['notes'])
