@@ -1,22 +1,24 @@
 """Throughput benchmark: data loading, training step and epoch time, side by side.
 
-    python bench.py                  # the header below (about 15-20 min on a 2-core CPU)
+    python bench.py                  # the header below (roughly 10-15 min on a 2-core CPU)
     python bench.py --quick=True     # small sizes: a minute or two on a 2-core CPU
     python bench.py --full=True      # also epochs on a full-size (7,442-clip) twin
 
 Sections (each a table in results.md):
 1. Per-clip cost (ms): the original's path (moviepy decode of the whole FLV, centre
    frame crop, librosa log-mel), its parts, a PyAV item (CREMADDataset cache=False)
-   and cached items (train: random frame; eval: centre frame). Methods are
-   interleaved clip by clip, in a rotating order, so load on the machine hits all
-   of them alike; speed-up = original median / method median.
+   and cached items (train: random frame; eval: centre frame; also with one torch
+   thread, as in DataLoader workers). Methods are interleaved clip by clip, in a
+   rotating order, so load on the machine hits all of them alike; speed-up =
+   original median / method median.
 2. Loader throughput (items/s) of experiment.make_loader: raw (decode per item) vs
    cached, per worker count, plus the device-resident DeviceLoader (data_on_gpu)
    when experiment.py has it. Timed from the first batch on (worker start-up is
    excluded: it is paid once per run with persistent workers).
 3. Training step (samples/s, peak memory) of base_type 0-4 at the paper's widths
-   (model.PAPER_CONFIG) on random batches, through experiment.run_epoch: the real
-   step (Runtime.to_device, autocast, compute_loss, backward, Adam). On CUDA also
+   (model.PAPER_CONFIG) on a random batch already on the device, through
+   experiment.run_epoch: the real step (Runtime.to_device, autocast, compute_loss,
+   backward, Adam). On CUDA also
    fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on for
    compile_base_types.
    Reference: on CPU the project's step is compared with `ReferenceModel`, a
@@ -248,8 +250,22 @@ def decode_methods(data_path, cache_dir, clips, original=True):
         'PyAV item (cache=False)': raw.__getitem__,
         'cached train item': cached_train.__getitem__,
         'cached eval item': cached_eval.__getitem__,
+        'cached eval item, 1 torch thread': one_thread(cached_eval.__getitem__),
     })
     return methods, clips
+
+
+def one_thread(fn):
+    """fn run with one torch thread, as in DataLoader workers (torch sets 1 there): on a
+    busy machine, waking the intra-op pool for a small tensor op can cost milliseconds."""
+    def wrapped(*args):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapped
 
 
 def measure_decode(data_path, cache_dir, *, clips, rounds, original=True):
@@ -522,7 +538,8 @@ class StepTimer:
         self.step_net = torch.compile(self.net) if compile else self.net
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=1e-3)
-        self.batch = random_batch(batch_size, seed)
+        # on the device already: the step is timed here, the loader in section 2
+        self.batch = tuple(t.to(runtime.device) for t in random_batch(batch_size, seed))
         if warmup:
             self._run(warmup)
 
