@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import datasets
 import model as models
+from read_variances import read_variances
 
 EMOTIONS = ('ANG', 'DIS', 'FEA', 'HAP', 'NEU', 'SAD')
 REGULARIZATION_WEIGHT = 1e-4
@@ -365,6 +366,19 @@ def make_loaders(cfg, runtime, splits=('train', 'val', 'test')):
     data = make_datasets(cfg, splits)
     return {split: make_loader(ds, cfg, runtime, train=split == 'train')
             for split, ds in data.items()}
+
+
+def setup(cfg, log):
+    """Seed, runtime, the three loaders and the training variances of a new run."""
+    seed_everything(cfg['seed'])
+    runtime = Runtime(cfg)
+    log(runtime.describe())
+    loaders = make_loaders(cfg, runtime)
+    variances = read_variances(cfg['data_path'])
+    log(f'Data: {cfg["data_path"]}: ' + ', '.join(
+        f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
+        + f'; train variances image {variances[0]:.4g}, audio {variances[1]:.4g}')
+    return runtime, loaders, variances
 
 
 # ----------------------------------------------------------------------------- epochs

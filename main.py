@@ -117,14 +117,7 @@ def logged(fn):
 
 @logged
 def train(cfg, run_dir, log):
-    ex.seed_everything(cfg['seed'])
-    runtime = ex.Runtime(cfg)
-    log(runtime.describe())
-    loaders = ex.make_loaders(cfg, runtime)
-    variances = read_variances(cfg['data_path'])
-    log(f'Data: {cfg["data_path"]}: ' + ', '.join(
-        f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
-        + f'; train variances image {variances[0]:.4g}, audio {variances[1]:.4g}')
+    runtime, loaders, variances = ex.setup(cfg, log)
     net = runtime.prepare(models.build_model(ex.model_config(cfg)))
     log(f'Model: {type(net).__name__}, {models.count_parameters(net):,} trainable parameters')
     history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt')

@@ -17,7 +17,6 @@ from torch import nn
 import experiment as ex
 import main
 import model as models
-from read_variances import read_variances
 
 # ------------------------------------------------------------------------------------------
 # config: main.py's header, plus
@@ -80,11 +79,7 @@ def load_two_stage(cfg, run_dir, runtime):
 
 @main.logged
 def train(cfg, run_dir, log):
-    ex.seed_everything(cfg['seed'])
-    runtime = ex.Runtime(cfg)
-    log(runtime.describe())
-    loaders = ex.make_loaders(cfg, runtime)
-    variances = read_variances(cfg['data_path'])
+    runtime, loaders, variances = ex.setup(cfg, log)
     vqvae, solver = build(cfg, runtime)
     log(f'Stage 1: VQ-VAEs, {models.count_parameters(vqvae):,} trainable parameters, '
         f'{cfg["num_epoch_vae"]} epochs on reconstruction')
