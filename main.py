@@ -141,7 +141,9 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
     plots.plot_recon_perplexity(run_dir, history)
     mask = net.get_mask()
     if mask is not None:
-        plots.plot_mask(run_dir, history['mask'], mask.cpu().numpy(), cfg['embedding_dim'])
+        threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']
+        plots.plot_mask(run_dir, history['mask'], mask.cpu().numpy(), cfg['embedding_dim'],
+                        threshold)
     plots.plot_confusion(run_dir, test['confusion_matrix'], ex.EMOTIONS)
     plots.plot_reconstructions(run_dir, arrays)
 

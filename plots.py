@@ -79,8 +79,9 @@ def plot_recon_perplexity(run_dir, history):
     _save(fig, Path(run_dir) / 'recon_perplexity.png')
 
 
-def plot_mask(run_dir, mask_history, raw_mask, embedding_dim):
-    """mask.png: private/shared ratios over epochs and the final raw mask values."""
+def plot_mask(run_dir, mask_history, raw_mask, embedding_dim, threshold=None):
+    """mask.png: private/shared ratios over epochs and the final raw mask values
+    (with the binarizer's threshold: channels above it are kept, i.e. shared)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ratios = [m for m in mask_history if m]
     if ratios:
@@ -93,6 +94,9 @@ def plot_mask(run_dir, mask_history, raw_mask, embedding_dim):
         raw = np.asarray(raw_mask).reshape(-1)
         colours = ['tab:blue'] * embedding_dim + ['tab:orange'] * (len(raw) - embedding_dim)
         axes[1].bar(np.arange(len(raw)), raw, color=colours)
+        if threshold is not None:
+            axes[1].axhline(threshold, color='grey', ls='--', label=f'threshold {threshold:g}')
+            axes[1].legend()
         axes[1].set(xlabel='latent channel (blue image, orange audio)', ylabel='raw mask',
                     title='learned mask')
     _save(fig, Path(run_dir) / 'mask.png')
