@@ -171,3 +171,23 @@ def test_device_loader_matches_the_dataset(workdir):
         # every training image is one of the cached window frames of some clip
         flat = frames.permute(0, 1, 4, 2, 3).reshape(-1, 3, 128, 128).float() / 255
         assert all((flat == img).flatten(1).all(1).any() for img in image)
+
+
+def test_a_crash_keeps_the_log_and_names_the_clip(workdir, tmp_path):
+    """A clip that vanished mid-project: the run stops with an error naming it and
+    its log keeps everything up to the traceback."""
+    import shutil
+
+    import media
+    data = tmp_path / 'data'
+    shutil.copytree(workdir / 'data', data)
+    paths = pickle.loads((data / 'train_videos.pkl').read_bytes())
+    name = paths[0].rsplit('/', 1)[-1]
+    paths[0] = str(tmp_path / 'gone' / 'VideoFlash' / name)           # does not exist
+    (data / 'train_videos.pkl').write_bytes(pickle.dumps(paths))
+    with pytest.raises(media.MediaError, match=name):
+        main.main(args(workdir, f'--data_path={data}', '--cache=False', '--num_epoch=1',
+                       '--shuffle=False', f'--results_dir={tmp_path / "results"}'))
+    log = next((tmp_path / 'results').iterdir()) / 'log.txt'
+    text = log.read_text()
+    assert 'Config:' in text and 'Run failed' in text and name in text
