@@ -129,8 +129,6 @@ def check_config(cfg):
         raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
     if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
         raise ValueError("data_on_gpu=True needs a CUDA device; it is off on 'cpu'")
-    if cfg['embedding_dim'] % 4 or cfg['num_hiddens'] % 4:
-        raise ValueError('num_hiddens and embedding_dim must be multiples of 4')
     models.validate_config(model_config(cfg))
 
 
