@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import atomic
 import media
 
 CACHE_VERSION = 1
@@ -187,7 +188,7 @@ def build_cache(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
     tmp = Path(tempfile.mkdtemp(prefix=f'{final.name}.tmp-', dir=final.parent))
     try:
         _fill_cache(tmp, paths, params, workers, progress)
-        _write_json(tmp / 'meta.json', {'params': params, 'count': len(paths),
+        atomic.write_json(tmp / 'meta.json', {'params': params, 'count': len(paths),
                                         'paths': [os.path.realpath(p) for p in paths]})
         try:
             os.rename(tmp, final)
@@ -237,17 +238,8 @@ def _cache_one(job):
     i, path, jitter, backend = job
     faces, spec = decode_clip(path, jitter, backend)
     _worker_arrays['frames'][i] = faces
-    _worker_arrays['specs'][i] = spec
-    for array in _worker_arrays.values():
-        array.flush()
+    _worker_arrays['specs'][i] = spec  # shared mapping: visible without a flush
     return i
-
-
-def _write_json(path, obj):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- dataset

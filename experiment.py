@@ -7,9 +7,6 @@ so a crash leaves a readable log and no half-written file.
 
 Index convention of the seed's file names: 1 = image, 2 = audio.
 """
-import json
-import os
-import pickle
 import platform
 import sys
 import time
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
 from tqdm import tqdm
 
+import atomic
 import datasets
 import model as models
 from read_variances import read_variances
@@ -139,27 +137,16 @@ def model_config(cfg):
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_write(path, write):
-    """Call write(file object) on a temporary file, then rename it to path."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_pickle(path, obj):
-    atomic_write(path, lambda f: pickle.dump(obj, f))
+    atomic.write_pickle(path, obj)
 
 
 def save_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+    atomic.write_json(path, obj, default=_jsonable)
 
 
 def save_torch(path, obj):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic.write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _jsonable(x):

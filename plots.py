@@ -4,7 +4,6 @@ Every function takes the run folder and plain Python/numpy data (what the run's
 pickles and history.json hold), so figures can be redrawn from a finished run.
 """
 import io
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,15 +12,15 @@ matplotlib.use('Agg')  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import atomic  # noqa: E402
+
 
 def _save(fig, path):
     """Render to memory, then write atomically: a crash never leaves half a PNG."""
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
     plt.close(fig)
-    tmp = Path(path).with_name(f'.{Path(path).name}.tmp')
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def _smooth(values, width):

@@ -18,10 +18,7 @@ The clip list is the tree's SentenceFilenames.csv. Clips are split first (so the
 published sizes 5954 / 744 / 744 of all 7,442 names hold for any seed) and then
 faulty clips and clips with no FLV are dropped from both paths and labels.
 """
-import json
 import os
-import pickle
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+import atomic
 import datasets
 
 # ----------------------------------------------------------------------------- config
@@ -148,15 +146,6 @@ def format_stats(labels, split):
     return '\n'.join(lines) + '\n'
 
 
-def write_atomic(path, data):
-    """Write bytes or str to path via a temporary file and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    with os.fdopen(fd, 'wb') as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 class RunningVariance:
     """Variance of all values fed in chunks, in constant memory (Chan et al. merge)."""
 
@@ -252,12 +241,12 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
     out.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         labels = encode_labels(splits[s], demographics)
-        write_atomic(out / f'{s}_videos.pkl', pickle.dumps(paths[s]))
-        write_atomic(out / f'{s}_labels.pkl', pickle.dumps(labels))
-        write_atomic(out / f'{s}_stats.txt', format_stats(labels, s))
-    write_atomic(out / 'train_image_var.pkl', pickle.dumps(image_var))
-    write_atomic(out / 'train_audio_var.pkl', pickle.dumps(audio_var))
-    write_atomic(out / 'split.json', json.dumps(record, indent=1) + '\n')
+        atomic.write_pickle(out / f'{s}_videos.pkl', paths[s])
+        atomic.write_pickle(out / f'{s}_labels.pkl', labels)
+        atomic.write_bytes(out / f'{s}_stats.txt', format_stats(labels, s))
+    atomic.write_pickle(out / 'train_image_var.pkl', image_var)
+    atomic.write_pickle(out / 'train_audio_var.pkl', audio_var)
+    atomic.write_json(out / 'split.json', record)
     return record
 
 

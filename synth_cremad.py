@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter, resample_poly
 
+import atomic
 import media
 
 # ----------------------------------------------------------------------------- config
@@ -476,16 +477,9 @@ def render_clip(job):
     frames = render_video(f, traits, loudness, rng)
     flv = Path(out_root) / 'VideoFlash' / f'{f["name"]}.flv'
     wav = Path(out_root) / 'AudioWAV' / f'{f["name"]}.wav'
-    _atomic(flv, lambda p: media.write_flv(p, frames, audio.astype(np.float32)))
-    _atomic(wav, lambda p: media.write_wav(p, resample_poly(audio, 160, 441)))
+    atomic.write(flv, lambda p: media.write_flv(p, frames, audio.astype(np.float32)))
+    atomic.write(wav, lambda p: media.write_wav(p, resample_poly(audio, 160, 441)))
     return f['name'], flv.stat().st_size, wav.stat().st_size
-
-
-def _atomic(path, write):
-    """Write through a temporary name so a killed run never leaves a complete-looking file."""
-    temp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
-    write(temp)
-    os.replace(temp, path)
 
 
 def _render_chunk(jobs):
@@ -514,14 +508,14 @@ def generate(root, *, num_actors=MAX_ACTORS, seed=0, like=None, workers=1, nuisa
                for n in planned['names']]
     for sub in ('VideoFlash', 'AudioWAV'):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    _write_json(root / MARKER, dict(params, complete=False))
+    atomic.write_json(root / MARKER, dict(params, complete=False))
     todo = [f for f in factors if not _done(root, f['name'])]
     jobs = [(str(root), f, traits[f['actor']], seed, duration_scale) for f in todo]
     start = time.time()
     _run_jobs(jobs, workers or os.cpu_count(), progress)
     seconds = time.time() - start
     _write_outputs(root, planned, factors)
-    _write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
+    atomic.write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
     summary = _summary(root, factors, len(jobs), seconds)
     if progress:
         print(f'synth_cremad: {summary["clips"]} clips in {root} ({summary["rendered"]} rendered '
@@ -596,22 +590,14 @@ def _write_outputs(root, planned, factors):
     demo = ['"ActorID","Age","Sex","Race","Ethnicity"\n']
     demo += [f'{r["ActorID"]},{r["Age"]},"{r["Sex"]}","{r["Race"]}","{r["Ethnicity"]}"\n'
              for r in planned['demographics']]
-    _write_text(root / 'VideoDemographics.csv', ''.join(demo))
+    atomic.write_bytes(root / 'VideoDemographics.csv', ''.join(demo))
     # CREMA-D's listing ends without a newline after its last row; match it.
     rows = ['"Stimulus_Number","Filename"'] + [f'{i},"{n}"' for i, n in
                                                enumerate(planned['names'], 1)]
-    _write_text(root / 'SentenceFilenames.csv', '\n'.join(rows))
+    atomic.write_bytes(root / 'SentenceFilenames.csv', '\n'.join(rows))
     columns = list(factors[0])
     lines = [','.join(columns)] + [','.join(str(f[c]) for c in columns) for f in factors]
-    _write_text(root / 'ground_truth.csv', '\n'.join(lines) + '\n')
-
-
-def _write_text(path, text):
-    _atomic(Path(path), lambda p: p.write_text(text, newline=''))
-
-
-def _write_json(path, data):
-    _write_text(path, json.dumps(data, indent=1) + '\n')
+    atomic.write_bytes(root / 'ground_truth.csv', '\n'.join(lines) + '\n')
 
 
 def _summary(root, factors, rendered, seconds):

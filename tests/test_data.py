@@ -1,4 +1,5 @@
 """CREMA-D data pipeline: split planning, split configs, items, the decode-once cache."""
+import json
 import os
 import pickle
 import shutil
@@ -121,7 +122,7 @@ def test_stats_match_published_format(shared):
 # ----------------------------------------------------------------------------- split configs
 
 def test_build_splits_writes_aligned_configs(config, twin):
-    record = read_cremad.json.loads((config / 'split.json').read_text())
+    record = json.loads((config / 'split.json').read_text())
     names = read_cremad.read_names(twin)
     total = 0
     for s in SPLITS:

@@ -54,7 +54,7 @@ def test_run_leaves_every_file(run):
     run_dir, _ = run
     missing = [f for f in SEED_FILES + EXTRA_FILES if not (run_dir / f).is_file()]
     assert not missing
-    assert not list(run_dir.glob('.*.tmp')), 'temporary files left behind'
+    assert not list(run_dir.glob('.*.tmp*')), 'temporary files left behind'
 
 
 def test_pickles_load_with_expected_contents(run):
