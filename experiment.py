@@ -443,9 +443,14 @@ def classification_metrics(preds, targets, num_classes, names=EMOTIONS):
 
 
 def evaluate(model, loader, runtime, variances, cfg, desc='test'):
-    """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks."""
-    torch.manual_seed(cfg['seed'])
-    history, preds, targets = run_epoch(model, loader, runtime, variances, cfg, desc=desc)
+    """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks.
+
+    The seeding happens on a forked RNG so that training, which calls this every
+    epoch, does not restart its dropout and mask draws from the same state."""
+    devices = [runtime.device] if runtime.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg['seed'])
+        history, preds, targets = run_epoch(model, loader, runtime, variances, cfg, desc=desc)
     metrics = {k: float(np.mean(v)) for k, v in history.items()}
     if len(preds):
         metrics.update(classification_metrics(preds, targets, datasets.NUM_CLASSES[
