@@ -68,6 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import atomic
 import datasets
 import experiment as ex
 import media
@@ -783,7 +784,7 @@ def write_results(run_dir, results):
     results['notes'] = comparison_notes(results)
     ex.save_json(Path(run_dir) / 'results.json', results)
     text = markdown(results)
-    ex.atomic_write(Path(run_dir) / 'results.md', lambda f: f.write(text.encode()))
+    atomic.write_bytes(Path(run_dir) / 'results.md', text)
     return text
 
 
