@@ -130,11 +130,12 @@ def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None):
     offsets: frame offsets from the centre to crop (default: the whole window
     -jitter..+jitter, W = 2*jitter+1). Out-of-clip indices are clamped.
     """
-    frames, audio, _, rate = media.read_flv(path, backend)
-    indices = window_indices(len(frames), frame_jitter)
-    if offsets is not None:
-        indices = indices[np.asarray(offsets) + frame_jitter]
-    faces = np.stack([media.face_crop(frames[k]) for k in indices])
+    def pick(num_frames):
+        indices = window_indices(num_frames, frame_jitter)
+        return indices if offsets is None else indices[np.asarray(offsets) + frame_jitter]
+
+    frames, audio, _, rate = media.read_flv(path, backend, pick)
+    faces = np.stack([media.face_crop(frame) for frame in frames])
     return faces, media.log_mel(audio.mean(axis=0), rate)
 
 

@@ -89,16 +89,20 @@ def read_wav(path):
         raise MediaError(f'cannot read WAV {path}: {e}') from e
 
 
-def read_flv(path, backend='pyav'):
+def read_flv(path, backend='pyav', pick=None):
     """Decode a clip: (frames (T, H, W, 3) uint8 RGB, audio (C, N) float32, fps, rate).
 
     backend: 'pyav' (fast) or 'moviepy' (the original code's reader).
+    pick: optional function num_frames -> frame indices; only those frames are
+    returned, in that order (T = len(indices)). PyAV then converts just them to
+    RGB, which is most of its decoding time.
     """
     readers = {'pyav': _read_pyav, 'moviepy': _read_moviepy}
     if backend not in readers:
         raise ValueError(f'backend={backend!r} is not one of {", ".join(map(repr, readers))}')
+    pick = pick or (lambda n: range(n))
     try:
-        frames, audio, fps, rate = readers[backend](str(path))
+        frames, audio, fps, rate = readers[backend](str(path), pick)
     except MediaError:
         raise
     except Exception as e:  # decoders raise many types; the caller needs the file name
@@ -108,24 +112,25 @@ def read_flv(path, backend='pyav'):
     return frames, audio, fps, rate
 
 
-def _read_pyav(path):
+def _read_pyav(path, pick):
     with av.open(path) as container:
         video = container.streams.video[0]
         fps = float(video.average_rate)
         frames, chunks = [], []
         for frame in container.decode(video=0, audio=0):
             if isinstance(frame, av.VideoFrame):
-                frames.append(frame.to_ndarray(format='rgb24'))
+                frames.append(frame)  # still YUV: converted below if picked
             else:
                 rate = frame.sample_rate
                 chunks.append(frame.to_ndarray().reshape(len(frame.layout.channels), -1)
                               if frame.format.is_planar else
                               frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T)
     audio = np.concatenate(chunks, axis=1).astype(np.float32)
-    return np.stack(frames), audio, fps, rate
+    picked = [frames[i].to_ndarray(format='rgb24') for i in pick(len(frames))]
+    return np.stack(picked) if picked else np.zeros((0, 0, 0, 3), np.uint8), audio, fps, rate
 
 
-def _read_moviepy(path):
+def _read_moviepy(path, pick):
     from moviepy import VideoFileClip  # slow to import; only the comparison path needs it
     with VideoFileClip(path) as clip:
         # Read frames in order from moviepy's ffmpeg pipe: iter_frames() seeks by
@@ -133,6 +138,7 @@ def _read_moviepy(path):
         reader = clip.reader
         reader.initialize(0)
         frames = np.stack([reader.read_frame() for _ in range(reader.n_frames)])
+        frames = frames[np.asarray(pick(len(frames)), dtype=np.int64)]
         rate = clip.audio.fps
         audio = clip.audio.to_soundarray(fps=rate).T.astype(np.float32)
         return frames, audio, float(clip.fps), rate
