@@ -27,9 +27,13 @@ class ConfigError(ValueError):
 
 
 def config_keys(namespace):
-    """Names of the header constants in ``namespace`` (a module's globals())."""
+    """Names of the header constants in ``namespace`` (a module's globals()).
+
+    Header constants are lower-case; UPPER_CASE module constants (PEP 8) and
+    _private names are not configuration.
+    """
     return [k for k, v in namespace.items()
-            if not k.startswith('_') and k.isidentifier() and k not in ('CHOICES',)
+            if not k.startswith('_') and k.isidentifier() and not k.isupper()
             and type(v) in _CONFIG_TYPES]
 
 

@@ -24,7 +24,6 @@ import datasets
 import model as models
 from read_variances import read_variances
 
-EMOTIONS = ('ANG', 'DIS', 'FEA', 'HAP', 'NEU', 'SAD')
 REGULARIZATION_WEIGHT = 1e-4
 TIMESTAMP_FORMAT = '%Y%m%d-%H%M%S'
 
@@ -430,7 +429,7 @@ def _concat(tensors):
     return torch.cat(tensors).cpu().numpy() if tensors else np.zeros(0, np.int64)
 
 
-def classification_metrics(preds, targets, num_classes, names=EMOTIONS):
+def classification_metrics(preds, targets, num_classes, names=datasets.EMOTIONS):
     """Accuracy, per-class accuracy, macro-F1 and confusion matrix (rows = truth)."""
     labels = list(range(num_classes))
     cm = confusion_matrix(targets, preds, labels=labels)

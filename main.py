@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import datasets
 import experiment as ex
 import model as models
 from configurator import configure_or_exit
@@ -144,7 +145,7 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
         threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']
         plots.plot_mask(run_dir, history['mask'], mask.cpu().numpy(), cfg['embedding_dim'],
                         threshold)
-    plots.plot_confusion(run_dir, test['confusion_matrix'], ex.EMOTIONS)
+    plots.plot_confusion(run_dir, test['confusion_matrix'], datasets.EMOTIONS)
     plots.plot_reconstructions(run_dir, arrays)
 
 

@@ -71,8 +71,6 @@ sentences = 'all'               # 'all' or comma list of codes, e.g. 'DFA,IEO'
 duration_scale = 1.0            # 1.0: CREMA-D-like 2-3 s clips; tests use 0.5
 measure = False                 # True: then print linear-probe accuracies (image/audio/joint)
 # -----------------------------------------------------------------------------
-HEADER = ('root', 'num_actors', 'seed', 'like', 'workers', 'nuisance', 'sentences',
-          'duration_scale', 'measure')
 
 VERSION = 2                     # bump when rendering changes: old twins are not reused
 MARKER = '.synth_cremad.json'
@@ -674,7 +672,7 @@ def _listing(root):
 
 if __name__ == '__main__':
     from configurator import configure_or_exit
-    cfg = configure_or_exit({k: globals()[k] for k in HEADER})
+    cfg = configure_or_exit(globals())
     try:
         generate(cfg['root'], num_actors=cfg['num_actors'], seed=cfg['seed'], like=cfg['like'],
                  workers=cfg['workers'], nuisance=cfg['nuisance'], sentences=cfg['sentences'],

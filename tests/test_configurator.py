@@ -4,13 +4,14 @@ import pytest
 from configurator import ConfigError, configure
 
 DEFAULTS = {'mode': 'multimodal', 'num_epoch': 50, 'learning_rate': 1e-3, 'shuffle': True,
-            'threshold': None, 'data_path': 'data_cremad', 'sys': __import__('sys')}
+            'threshold': None, 'data_path': 'data_cremad', 'sys': __import__('sys'),
+            'CODES': ('IEO', 'DFA'), '_private': 1}   # not configuration
 CHOICES = {'mode': ('multimodal', 'image-only', 'audio-only')}
 
 
 def test_defaults_without_overrides():
     cfg = configure(DEFAULTS, [], CHOICES)
-    assert cfg == {k: v for k, v in DEFAULTS.items() if k != 'sys'}
+    assert cfg == {k: v for k, v in DEFAULTS.items() if k not in ('sys', 'CODES', '_private')}
 
 
 def test_overrides_are_parsed_and_typed():
