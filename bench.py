@@ -203,16 +203,10 @@ def warm_up_librosa():
 def prepare_twin(cfg):
     """The bench twin (full-length clips: moviepy's audio reader fails on clips under
     1 s) and its split configs with the train cache, made if missing."""
-    if (Path(cfg['data_path']) / 'train_videos.pkl').is_file():
-        return
     import read_cremad
-    import synth_cremad
-    print(f'making the bench twin at {cfg["twin_root"]} and its splits in {cfg["data_path"]}')
-    workers = os.cpu_count() or 1
-    synth_cremad.generate(root=cfg['twin_root'], num_actors=cfg['twin_actors'],
-                          seed=cfg['seed'], workers=workers, duration_scale=1.0)
-    read_cremad.build_splits(root=cfg['twin_root'], data_path=cfg['data_path'],
-                             seed=cfg['seed'], workers=workers, cache_dir=cfg['cache_dir'])
+    read_cremad.prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
+                             workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+                             num_actors=cfg['twin_actors'], duration_scale=1.0)
 
 
 def bench_dataset(data_path, cache_dir, *, cache, train, split='train'):
@@ -223,10 +217,10 @@ def bench_dataset(data_path, cache_dir, *, cache, train, split='train'):
 # ----------------------------------------------------------------------------- 1. per clip
 
 def original_item(path):
-    """The original code's per-item work: moviepy decode, centre crop, log-mel."""
-    frames, audio, _, rate = media.read_flv(path, 'moviepy')
-    face = media.face_crop(frames[media.centre_index(len(frames))])
-    return face, media.log_mel(audio.mean(axis=0), rate)
+    """The original code's per-item work: moviepy decode (every frame), centre crop,
+    log-mel: (face (128, 128, 3) uint8, log-mel (256, 256))."""
+    faces, spec = datasets.decode_clip(path, frame_jitter=0, backend='moviepy')
+    return faces[0], spec
 
 
 def pyav_decode(path):
@@ -661,15 +655,10 @@ class GpuUtilization:
 
 def prepare_full(cfg):
     """The full-size twin (like ../shared/crema-d) and its split configs and cache."""
-    if (Path(cfg['full_data_path']) / 'train_videos.pkl').is_file():
-        return
     import read_cremad
-    import synth_cremad
-    workers = os.cpu_count() or 1
-    synth_cremad.generate(root=cfg['full_root'], like=str(SHARED_CREMAD), seed=cfg['seed'],
-                          workers=workers)
-    read_cremad.build_splits(root=cfg['full_root'], data_path=cfg['full_data_path'],
-                             seed=cfg['seed'], workers=workers, cache_dir=cfg['cache_dir'])
+    read_cremad.prepare_twin(cfg['full_root'], cfg['full_data_path'], seed=cfg['seed'],
+                             workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+                             like=str(SHARED_CREMAD))
 
 
 def main_config(cfg, data_on_gpu):

@@ -11,7 +11,6 @@ import json
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -184,17 +183,11 @@ def evaluate_saved(cfg, run_dir, log, load=load_model):
 
 def prepare_data(cfg):
     """The demo's data: a synthetic twin and its split configs, made if missing."""
-    if Path(cfg['data_path']).exists() or not cfg['twin_actors']:
-        return
-    import read_cremad
-    import synth_cremad
-    print(f'{cfg["data_path"]} is missing: making a {cfg["twin_actors"]}-actor synthetic '
-          f'twin at {cfg["twin_root"]} and its split configs')
-    synth_cremad.generate(root=cfg['twin_root'], num_actors=cfg['twin_actors'],
-                          seed=cfg['seed'], workers=max(1, cfg['num_workers']))
-    read_cremad.build_splits(root=cfg['twin_root'], data_path=cfg['data_path'],
-                             seed=cfg['seed'], workers=max(1, cfg['num_workers']),
-                             cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'])
+    if cfg['twin_actors']:
+        import read_cremad
+        read_cremad.prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
+                                 workers=max(1, cfg['num_workers']), cache_dir=cfg['cache_dir'],
+                                 frame_jitter=cfg['frame_jitter'], num_actors=cfg['twin_actors'])
 
 
 def main(argv=None):

@@ -250,6 +250,20 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
     return record
 
 
+def prepare_twin(twin_root, data_path, *, seed=0, workers=datasets.DEFAULT_WORKERS,
+                 cache_dir='cache', frame_jitter=15, progress=True, **twin):
+    """Split configs of a synthetic twin at twin_root, both made if missing (the demo's
+    and the benchmark's data). twin: synth_cremad.generate's other keywords
+    (num_actors, like, duration_scale, ...)."""
+    if (Path(data_path) / 'train_videos.pkl').is_file():
+        return
+    import synth_cremad
+    print(f'{data_path} is missing: making a synthetic twin at {twin_root} and its splits')
+    synth_cremad.generate(root=twin_root, seed=seed, workers=workers, progress=progress, **twin)
+    build_splits(twin_root, data_path, seed=seed, workers=workers, cache_dir=cache_dir,
+                 frame_jitter=frame_jitter, progress=progress)
+
+
 def _flv(root, name):
     return Path(root) / 'VideoFlash' / f'{name}.flv'
 
