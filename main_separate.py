@@ -29,7 +29,8 @@ class FrozenCodes(nn.Module):
     """A frozen ModelVQVAE feeding a ModelSolver: forward(image, audio) -> ModelOutput.
 
     The VQ-VAE stays in eval mode (fixed BN statistics and codebooks) and gets
-    no gradient; reconstructions and perplexities pass through for logging.
+    no gradient. Its decoders run only outside training (validation, test, the
+    saved reconstructions): training steps need just the codes.
     """
 
     def __init__(self, vqvae, solver):
@@ -43,7 +44,7 @@ class FrozenCodes(nn.Module):
 
     def forward(self, image, audio):
         with torch.no_grad():
-            codes = self.vqvae(image, audio)   # quantized_* (B, D, 32, 32)
+            codes = self.vqvae(image, audio, decode=not self.training)  # (B, D, 32, 32)
         out = self.solver(codes.quantized_image, codes.quantized_audio)
         return out._replace(recon_image=codes.recon_image, recon_audio=codes.recon_audio,
                             perplexity_image=codes.perplexity_image,

@@ -623,7 +623,9 @@ class ModelVQVAE(_ModelBase):
             self.decoders = nn.ModuleDict({m: make_decoder(
                 m, embedding_dim=embedding_dim, **arch) for m in self.modalities})
 
-    def forward(self, image, audio):
+    def forward(self, image, audio, decode=True):
+        """decode=False skips the decoders (recon_* None): for callers that only
+        need the codes, e.g. a frozen VQ-VAE feeding the two-stage solver."""
         inputs = {'image': image, 'audio': audio}
         fields, losses = {}, []
         for m in self.modalities:
@@ -634,8 +636,9 @@ class ModelVQVAE(_ModelBase):
             vq = self.quantizers[m](z)
             losses.append(vq.loss)
             fields.update({f'quantized_{m}': vq.quantized, f'vq_loss_{m}': vq.loss,
-                           f'perplexity_{m}': vq.perplexity, f'indices_{m}': vq.indices,
-                           f'recon_{m}': self.decoders[m](vq.quantized)})
+                           f'perplexity_{m}': vq.perplexity, f'indices_{m}': vq.indices})
+            if decode:
+                fields[f'recon_{m}'] = self.decoders[m](vq.quantized)
         if losses:
             fields['vq_loss'] = sum(losses)
         return ModelOutput(**fields)
@@ -825,7 +828,9 @@ class ModelFeat(_ModelBase):
             num_classes=num_classes, masked=masked, mask_init=mask_init,
             mask_scale=mask_scale, threshold_fn=threshold_fn, threshold=threshold)
 
-    def forward(self, image, audio):
+    def forward(self, image, audio, decode=True):
+        """decode=False skips the decoders (recon_* None): for callers that only
+        need the codes, e.g. a frozen VQ-VAE feeding the two-stage solver."""
         inputs = {'image': image, 'audio': audio}
         fields, losses = {}, []
         for m in MODALITIES:
