@@ -25,6 +25,9 @@ import model as models
 from read_variances import read_variances
 
 REGULARIZATION_WEIGHT = 1e-4
+# 'mse': the released main.py (its division by the training variance is commented
+# out); 'mse/var': divided by it, as in the VQ-VAE notebook the code is based on.
+RECON_LOSSES = ('mse', 'mse/var')
 TIMESTAMP_FORMAT = '%Y%m%d-%H%M%S'
 
 
@@ -97,6 +100,7 @@ CHOICES = {
     'threshold_fn': models.THRESHOLD_FNS,
     'threshold': _threshold,
     'regularization': (True, False),
+    'recon_loss': RECON_LOSSES,
     'modify_modal': (False, True),
     'seed': _non_negative_int,
     'device': _device,
@@ -362,22 +366,26 @@ def setup(cfg, log):
     log(f'Data: {cfg["data_path"]}: ' + ', '.join(
         f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
         + f'; train variances image {variances[0]:.4g}, audio {variances[1]:.4g}')
+    log(describe_loss(cfg))
     return runtime, loaders, variances
 
 
 # ----------------------------------------------------------------------------- epochs
 
-def compute_loss(out, image, audio, emotion, variances, model, regularization):
+def compute_loss(out, image, audio, emotion, variances, model, regularization, recon_loss):
     """Total loss and its parts (floats for logging) from a ModelOutput.
 
-    MSE(image recon)/var1 + MSE(audio recon)/var2 + CE + VQ losses
-    (+ 1e-4 * sum(raw mask) when regularization). Missing parts are skipped.
+    MSE(image recon) + MSE(audio recon) + CE + VQ losses (+ 1e-4 * sum(raw mask)
+    when regularization); with recon_loss 'mse/var' each MSE is divided by its
+    training variance (variances = (image, audio)). Missing parts are skipped.
     """
+    models.check_choice('recon_loss', recon_loss, RECON_LOSSES)
+    scale = variances if recon_loss == 'mse/var' else (1.0, 1.0)
     parts = {}
     if out.recon_image is not None:
-        parts['recon_error1'] = F.mse_loss(out.recon_image.float(), image) / variances[0]
+        parts['recon_error1'] = F.mse_loss(out.recon_image.float(), image) / scale[0]
     if out.recon_audio is not None:
-        parts['recon_error2'] = F.mse_loss(out.recon_audio.float(), audio) / variances[1]
+        parts['recon_error2'] = F.mse_loss(out.recon_audio.float(), audio) / scale[1]
     if out.logits is not None:
         parts['class_error'] = F.cross_entropy(out.logits.float(), emotion)
     if out.vq_loss is not None:
@@ -387,6 +395,15 @@ def compute_loss(out, image, audio, emotion, variances, model, regularization):
         parts['mask_regularization'] = REGULARIZATION_WEIGHT * reg
     loss = sum(parts.values())
     return loss, parts
+
+
+def describe_loss(cfg):
+    """The training loss of cfg in words, for the log."""
+    recon = ('MSE(image recon) + MSE(audio recon)' if cfg['recon_loss'] == 'mse' else
+             'MSE(image recon)/var1 + MSE(audio recon)/var2')
+    reg = f' + {REGULARIZATION_WEIGHT:g} * sum(mask)' if cfg['regularization'] else ''
+    return (f"Loss (recon_loss={cfg['recon_loss']!r}): {recon} + cross-entropy + VQ losses"
+            f"{reg}; terms a model does not produce are skipped")
 
 
 def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
@@ -405,7 +422,7 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
             with runtime.autocast():
                 out = model(image, audio)
             loss, parts = compute_loss(out, image, audio, emotion, variances, model,
-                                       cfg['regularization'])
+                                       cfg['regularization'], cfg['recon_loss'])
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -49,6 +49,7 @@ mask_init = '1s'            # '1s' fills mask_scale; 'uniform' draws U(-mask_sca
 threshold_fn = 'binarizer'  # 'binarizer', 'ternarizer', 'attention', 'randomizer'
 threshold = None            # None means 5e-3
 regularization = True       # adds 1e-4 * sum(mask) to the loss (True, False)
+recon_loss = 'mse'          # 'mse' (released code), 'mse/var' (divided by the training variance)
 modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch
 # additions to the paper's constants
 seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
@@ -152,6 +153,8 @@ def saved_config(cfg):
     """The saved run's config with this machine's runtime settings."""
     run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'])
     saved = json.loads((run_dir / 'config.json').read_text())
+    # Runs saved before recon_loss existed trained with the variance-normalised loss.
+    saved.setdefault('recon_loss', 'mse/var')
     return run_dir, {**saved, **{k: cfg[k] for k in _RUNTIME_KEYS}}
 
 

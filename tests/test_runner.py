@@ -78,6 +78,8 @@ def test_config_and_log_record_the_run(run):
     log = (run_dir / 'log.txt').read_text()
     assert log.index('Message:') < log.index('Epoch 1/2') < log.index('Epoch 2/2') \
         < log.index('Test: accuracy')
+    assert cfg['recon_loss'] == 'mse'
+    assert "Loss (recon_loss='mse'): MSE(image recon) + MSE(audio recon) +" in log
 
 
 def test_metrics_agree_with_confusion_matrix(run):

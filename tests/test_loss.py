@@ -1,0 +1,72 @@
+"""experiment.compute_loss: the terms it sums, for both recon_loss options."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import experiment as ex
+import model as models
+
+VARIANCES = (0.02, 400.0)  # image pixels, log-mel dB: far from 1, so a division shows
+
+
+class _Masked:
+    """Stands in for a model: only mask_regularization is asked for."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def mask_regularization(self):
+        return None if self.mask is None else self.mask.sum()
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image, audio = torch.rand(2, 3, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    out = models.ModelOutput(
+        logits=torch.randn(2, 6, generator=g), vq_loss=torch.tensor(0.7),
+        recon_image=torch.rand(2, 3, 8, 8, generator=g),
+        recon_audio=torch.randn(2, 1, 8, 8, generator=g))
+    return out, image, audio, torch.tensor([1, 4])
+
+
+@pytest.mark.parametrize('recon_loss', ['mse', 'mse/var'])
+@pytest.mark.parametrize('regularization', [True, False])
+def test_compute_loss_sums_the_released_terms(recon_loss, regularization):
+    out, image, audio, emotion = _batch()
+    mask = torch.full((8, 1, 1), 0.01)
+    loss, parts = ex.compute_loss(out, image, audio, emotion, VARIANCES, _Masked(mask),
+                                  regularization, recon_loss)
+    scale = VARIANCES if recon_loss == 'mse/var' else (1.0, 1.0)
+    expected = {
+        'recon_error1': F.mse_loss(out.recon_image, image) / scale[0],
+        'recon_error2': F.mse_loss(out.recon_audio, audio) / scale[1],
+        'class_error': F.cross_entropy(out.logits, emotion),
+        'vq_loss': torch.tensor(0.7)}
+    if regularization:
+        expected['mask_regularization'] = torch.tensor(1e-4 * 8 * 0.01)
+    assert parts.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(parts[key], value, msg=key)
+    torch.testing.assert_close(loss, sum(expected.values()))
+
+
+def test_default_loss_is_plain_mse():
+    import main
+    assert main.recon_loss == 'mse'
+    out, image, audio, emotion = _batch(1)
+    _, parts = ex.compute_loss(out, image, audio, emotion, VARIANCES, _Masked(None), True,
+                               'mse')
+    torch.testing.assert_close(parts['recon_error1'], F.mse_loss(out.recon_image, image))
+    assert 'mask_regularization' not in parts  # no mask: nothing to regularize
+
+
+def test_missing_outputs_are_skipped_and_bad_option_rejected():
+    _, image, audio, emotion = _batch()
+    logits = torch.zeros(2, 6)
+    loss, parts = ex.compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
+                                  VARIANCES, _Masked(None), True, 'mse')
+    assert set(parts) == {'class_error'}
+    torch.testing.assert_close(loss, torch.log(torch.tensor(6.0)))
+    with pytest.raises(ValueError, match="recon_loss='var'"):
+        ex.compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
+                        VARIANCES, _Masked(None), True, 'var')
