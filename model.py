@@ -55,6 +55,7 @@ DATASETS = ('CREMA-D', 'RML', 'RML_feat', 'EmoVoxCeleb')
 PROBE_KEEPS = ('all', 'shared', 'private')
 MODALITIES = ('image', 'audio')
 DEFAULT_THRESHOLD = 5e-3
+FEATURE_FRAMES = 16            # time frames the feature TaskSolver models (released)
 EMA_EPS = 1e-5
 
 # Per-modality architecture: input channels, maxpool after the third encoder
@@ -454,13 +455,13 @@ class _MaskedSolver(nn.Module):
     def mask_regularization(self):
         return None if self.mask is None else self.mask.sum()
 
-    def masked_codes(self, q_image, q_audio):
-        """Mask, keep the mode's modalities, concat on dim 1: (B, D or 2D, *S)."""
+    def masked_parts(self, q_image, q_audio):
+        """The mode's modalities, each (B, D, *S) times its half of the mask: a dict."""
         mask = self.thresholded_mask()
         codes = {'image': q_image, 'audio': q_audio}
         halves = {'image': slice(0, self.embedding_dim),
                   'audio': slice(self.embedding_dim, None)}
-        parts = []
+        parts = {}
         for modality in self.in_modalities:
             x = codes[modality]
             assert x is not None, f'mode {self.mode!r} needs the {modality} codes'
@@ -468,8 +469,12 @@ class _MaskedSolver(nn.Module):
                 # (D, 1, 1) -> (1, D, 1, ...) to broadcast over (B, D, *S)
                 gate = mask[halves[modality]].reshape(1, -1, *[1] * (x.dim() - 2))
                 x = x * gate
-            parts.append(x)
-        return torch.cat(parts, dim=1)
+            parts[modality] = x
+        return parts
+
+    def masked_codes(self, q_image, q_audio):
+        """Mask, keep the mode's modalities, concat on dim 1: (B, D or 2D, *S)."""
+        return torch.cat(list(self.masked_parts(q_image, q_audio).values()), dim=1)
 
 
 def _mlp_head(in_features, num_classes, dropout):
@@ -515,24 +520,77 @@ class TaskSolver(_MaskedSolver):
         return self.classifier(self.features(self.masked_codes(q_image, q_audio)))
 
 
-class TaskSolverFeat(_MaskedSolver):
-    """Classifier on masked per-frame codes: (B, D, T) x 2 -> LSTM -> logits (B, C)."""
+def frame_indices(length, num):
+    """num indices spread evenly over 0..length-1, both ends kept: round(i * (length-1) /
+    (num-1)) as the released code rounds (Python's round); num=1 takes the middle."""
+    if num == 1:
+        return [(length - 1) // 2]
+    step = (length - 1) / (num - 1)
+    return [round(step * i) for i in range(num)]
 
-    def __init__(self, *, mode='multimodal', embedding_dim=64, hidden_size=128,
+
+def subsample_features(features, num=FEATURE_FRAMES):
+    """(B, T, F) -> (B, num, F): num time frames spread evenly over T (the released
+    subsample_features takes the 64 audio frames to 16). T < num repeats frames."""
+    return features[:, frame_indices(features.shape[1], num)]
+
+
+class _FrameProjection(nn.Sequential):
+    """Per time frame: (fc, BatchNorm over (batch, time), ReLU, dropout) per width.
+
+    (B, T, F) -> (B, T, widths[-1]); the BatchNorm sees (B, C, T), as in the
+    released TaskSolver_Feat."""
+
+    def __init__(self, in_features, widths, dropout):
+        layers = []
+        for width in widths:
+            layers += [nn.Linear(in_features, width), _TimeBatchNorm(width),
+                       nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            in_features = width
+        super().__init__(*layers)
+
+
+class _TimeBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d on (B, T, C) features: normalises each channel over batch and time."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class TaskSolverFeat(_MaskedSolver):
+    """The released TaskSolver_Feat on masked per-frame codes: logits (B, C).
+
+    q_image (B, D, Ti), q_audio (B, D, Ta) -> masked -> frames (B, T, D), each
+    modality subsampled to num_frames (audio 64 -> 16; image 16 stays) ->
+    per-frame projections: image fc D->1024->512, audio fc D->512 (each fc with
+    BatchNorm, ReLU, dropout) -> concat per frame (B, 16, 512 * n) -> LSTM 256 ->
+    last step -> BatchNorm, ReLU, dropout -> fc C. 'image-only'/'audio-only' keep
+    that modality's branch alone.
+    """
+
+    def __init__(self, *, mode='multimodal', embedding_dim=64, num_frames=FEATURE_FRAMES,
+                 image_widths=(1024, 512), audio_widths=(512,), lstm_size=256,
                  num_classes=6, masked=True, mask_init='1s', mask_scale=1e-2,
                  threshold_fn='binarizer', threshold=None, dropout=0.5):
         super().__init__(mode=mode, embedding_dim=embedding_dim, masked=masked,
                          mask_init=mask_init, mask_scale=mask_scale,
                          threshold_fn=threshold_fn, threshold=threshold)
-        in_features = embedding_dim * len(self.in_modalities)
-        self.lstm = nn.LSTM(in_features, hidden_size, batch_first=True)
-        self.classifier = nn.Sequential(nn.Dropout(dropout),
-                                        nn.Linear(hidden_size, num_classes))
+        self.num_frames = num_frames
+        widths = {'image': image_widths, 'audio': audio_widths}
+        self.projections = nn.ModuleDict({m: _FrameProjection(embedding_dim, widths[m], dropout)
+                                          for m in self.in_modalities})
+        fused = sum(widths[m][-1] for m in self.in_modalities)
+        self.lstm = nn.LSTM(fused, lstm_size, batch_first=True)
+        self.classifier = nn.Sequential(nn.BatchNorm1d(lstm_size), nn.ReLU(inplace=True),
+                                        nn.Dropout(dropout), nn.Linear(lstm_size, num_classes))
 
     def forward(self, q_image, q_audio):
-        x = self.masked_codes(q_image, q_audio).transpose(1, 2)  # (B, T, n*D)
-        _, (h_n, _) = self.lstm(x)                                # (1, B, hidden)
-        return self.classifier(h_n[-1])
+        frames = []
+        for modality, x in self.masked_parts(q_image, q_audio).items():
+            x = subsample_features(x.transpose(1, 2), self.num_frames)  # (B, 16, D)
+            frames.append(self.projections[modality](x))               # (B, 16, width)
+        output, _ = self.lstm(torch.cat(frames, dim=2))                # (B, 16, lstm)
+        return self.classifier(output[:, -1])
 
 
 # ----------------------------------------------------------------------------
@@ -803,16 +861,23 @@ class ModelProbe(Model):
 
 
 class ModelFeat(_ModelBase):
-    """CM-VQVAE on pre-extracted features: image (B, T, Fi), audio (B, T, Fa).
+    """CM-VQVAE on pre-extracted features: image (B, Ti, Fi), audio (B, Ta, Fa).
 
     Per modality and frame: MLP F -> D, VQ, MLP D -> F (reconstruction); then
-    TaskSolverFeat (mask, LSTM, fc). quantized_* are (B, D, T).
+    TaskSolverFeat (mask, per-frame projections, LSTM, fc). quantized_* are (B, D, T).
+
+    The released Model_Feat has no encoder or decoder: it views the 65,536 raw
+    values of a clip (16 x 4096 image, 64 x 1024 audio) as a 64 x 32 x 32 map, so
+    its codes mix values of different frames, its mask gates blocks of frames
+    rather than code channels, and its "reconstruction" is the quantized input
+    itself. The per-frame encoder here gives D code channels per frame for any
+    feature size, so the mask gates code channels as in Model.
     """
 
     def __init__(self, *, image_features, audio_features, mode='multimodal',
                  embedding_dim=64, num_embeddings=512, commitment_cost=0.25,
-                 decay=0.99, hidden_size=128, num_classes=6, masked=True,
-                 mask_init='1s', mask_scale=1e-2, threshold_fn='binarizer',
+                 decay=0.99, hidden_size=128, num_frames=FEATURE_FRAMES, num_classes=6,
+                 masked=True, mask_init='1s', mask_scale=1e-2, threshold_fn='binarizer',
                  threshold=None):
         super().__init__()
         sizes = {'image': image_features, 'audio': audio_features}
@@ -824,7 +889,7 @@ class ModelFeat(_ModelBase):
         self.decoders = nn.ModuleDict({m: _frame_mlp(embedding_dim, hidden_size, sizes[m])
                                        for m in MODALITIES})
         self.solver = TaskSolverFeat(
-            mode=mode, embedding_dim=embedding_dim, hidden_size=hidden_size,
+            mode=mode, embedding_dim=embedding_dim, num_frames=num_frames,
             num_classes=num_classes, masked=masked, mask_init=mask_init,
             mask_scale=mask_scale, threshold_fn=threshold_fn, threshold=threshold)
 
@@ -837,7 +902,8 @@ class ModelFeat(_ModelBase):
             z = self.encoders[m](inputs[m]).transpose(1, 2)  # (B, D, T)
             vq = self.quantizers[m](z)
             losses.append(vq.loss)
-            recon = self.decoders[m](vq.quantized.transpose(1, 2))  # (B, T, F)
+            recon = (self.decoders[m](vq.quantized.transpose(1, 2))  # (B, T, F)
+                     if decode else None)
             fields.update({f'quantized_{m}': vq.quantized, f'vq_loss_{m}': vq.loss,
                            f'perplexity_{m}': vq.perplexity, f'indices_{m}': vq.indices,
                            f'recon_{m}': recon})

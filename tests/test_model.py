@@ -88,15 +88,47 @@ def test_two_stage_shapes():
     assert solver.mask_ratios() is not None
 
 
-def test_feature_model_shapes():
-    model = M.ModelFeat(image_features=10, audio_features=12, embedding_dim=D,
+@pytest.mark.parametrize('mode', M.MODES)
+def test_feature_model_shapes(mode):
+    model = M.ModelFeat(image_features=10, audio_features=12, embedding_dim=D, mode=mode,
                         num_embeddings=K, hidden_size=16, num_classes=C)
-    out = model(torch.randn(B, 5, 10), torch.randn(B, 5, 12))
+    out = model(torch.randn(B, 16, 10), torch.randn(B, 64, 12))
     assert out.logits.shape == (B, C)
-    assert out.recon_image.shape == (B, 5, 10) and out.recon_audio.shape == (B, 5, 12)
-    assert out.quantized_audio.shape == (B, D, 5)
+    assert out.recon_image.shape == (B, 16, 10) and out.recon_audio.shape == (B, 64, 12)
+    assert out.quantized_image.shape == (B, D, 16) and out.quantized_audio.shape == (B, D, 64)
+    assert model(torch.randn(B, 16, 10), torch.randn(B, 64, 12), decode=False).recon_audio is None
     cfg = {**SMALL_CFG, 'dataset': 'RML_feat', 'image_features': 10, 'audio_features': 12}
     assert isinstance(M.build_model(cfg), M.ModelFeat)
+
+
+def test_subsample_features_keeps_ends_and_spreads_evenly():
+    x = torch.arange(64.0).reshape(1, 64, 1).expand(2, 64, 3)
+    y = M.subsample_features(x)
+    assert y.shape == (2, 16, 3)
+    # step 63/15 = 4.2: round(4.2 i), the released rule (Python's round)
+    assert y[0, :, 0].tolist() == [round(4.2 * i) for i in range(16)]
+    assert y[0, 0, 0] == 0 and y[0, -1, 0] == 63
+    assert torch.equal(M.subsample_features(x[:, :16]), x[:, :16])  # 16 frames stay
+    assert M.frame_indices(5, 1) == [2]
+
+
+def test_feature_solver_follows_the_released_structure():
+    """Per-frame fc + BatchNorm (image 1024, 512; audio 512), concat, LSTM 256, BatchNorm."""
+    solver = M.TaskSolverFeat(embedding_dim=D, num_classes=C)
+    image, audio = solver.projections['image'], solver.projections['audio']
+    assert [m.out_features for m in image if isinstance(m, torch.nn.Linear)] == [1024, 512]
+    assert [m.out_features for m in audio if isinstance(m, torch.nn.Linear)] == [512]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in image) == 2
+    assert solver.lstm.input_size == 1024 and solver.lstm.hidden_size == 256
+    assert isinstance(solver.classifier[0], torch.nn.BatchNorm1d)
+    assert M.TaskSolverFeat(embedding_dim=D, mode='audio-only').lstm.input_size == 512
+    # the mask gates code channels: a zero image half leaves only audio in the logits
+    solver.eval()
+    solver.set_mask(torch.cat([torch.zeros(D), torch.ones(D)]))
+    q_audio = torch.randn(B, D, 64)
+    a = solver(torch.randn(B, D, 16), q_audio)
+    b = solver(torch.randn(B, D, 16), q_audio)
+    assert torch.allclose(a, b)
 
 
 def test_codebooks():
