@@ -9,6 +9,9 @@ aligned label lists of ``LABEL_NAMES``). An item is
 
 The image is one face crop near the clip's centre frame: at random within
 +-frame_jitter frames when training, the centre frame itself when evaluating.
+A training draw is a pure function of (seed, epoch, item index): the training
+loader's ``EpochSampler`` yields ``(epoch, index)`` keys, so the draws do not
+depend on which DataLoader worker (or how many) loads the item.
 
 Decoding an FLV costs ~15 ms (PyAV) to ~170 ms (moviepy), so by default every
 clip is decoded once into a cache of memory-mapped arrays:
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 import atomic
@@ -257,13 +260,13 @@ class CREMADDataset(Dataset):
 
     def __init__(self, data_path, split, *, train=None, root=None, cache=True,
                  cache_dir='cache', frame_jitter=15, backend='pyav',
-                 workers=DEFAULT_WORKERS, progress=True):
+                 workers=DEFAULT_WORKERS, progress=True, seed=0):
         paths, labels = load_split(data_path, split)
         check_aligned(paths, labels, where=f'{data_path} split {split!r}')
         self.paths = resolve_paths(paths, root)
         self.labels = np.asarray(labels, dtype=np.int64).T.reshape(len(paths), 8)  # (N, 8)
         self.train = split == 'train' if train is None else train
-        self.frame_jitter, self.backend = frame_jitter, backend
+        self.frame_jitter, self.backend, self.seed = frame_jitter, backend, seed
         self.cache_path = None
         if cache:
             self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
@@ -273,8 +276,10 @@ class CREMADDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
-        offset = self._frame_offset()
+    def __getitem__(self, key):
+        """key: an index, or (epoch, index) from an EpochSampler (an index alone is epoch 0)."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        offset = self._frame_offset(epoch, i)
         if self.cache_path is None:
             faces, spec = decode_clip(self.paths[i], self.frame_jitter, self.backend, [offset])
             face = faces[0]
@@ -285,11 +290,12 @@ class CREMADDataset(Dataset):
         return (to_image(face), to_spectrogram(spec), int(label[EMOTION]), int(label[RACE]),
                 int(label[GENDER]), int(label[SENTENCE]))
 
-    def _frame_offset(self):
-        """Training: uniform in -jitter..jitter (torch RNG, so seeding works); else 0."""
+    def _frame_offset(self, epoch, i):
+        """Training: uniform in -jitter..jitter, drawn from (seed, epoch, i) alone; else 0."""
         if not self.train or self.frame_jitter == 0:
             return 0
-        return int(torch.randint(-self.frame_jitter, self.frame_jitter + 1, ()))
+        rng = np.random.default_rng((self.seed, epoch, int(i)))
+        return int(rng.integers(-self.frame_jitter, self.frame_jitter + 1))
 
     def arrays(self):
         """{'frames': (N, W, 128, 128, 3) uint8, 'specs': (N, 256, 256) float32 memmaps,
@@ -305,6 +311,46 @@ class CREMADDataset(Dataset):
     def __getstate__(self):
         # Memmaps must not be pickled into DataLoader workers (they would be copied).
         return {**self.__dict__, '_arrays': None}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def epoch_seed(seed, epoch):
+    """A 63-bit seed for epoch-level draws (the shuffle order), a pure function of both."""
+    return int(np.random.SeedSequence((seed, epoch)).generate_state(2, np.uint64)[0] >> 1)
+
+
+class EpochSampler(Sampler):
+    """Training order of one epoch as (epoch, index) keys; call set_epoch before each.
+
+    The keys carry the epoch into the DataLoader workers (persistent or not), so
+    an item's random frame depends on (seed, epoch, index) only. The order is a
+    permutation seeded by (seed, epoch) (shuffle) or 0..n-1; or, given
+    ``sampler`` (e.g. a DistributedSampler), that sampler's indices, whose
+    set_epoch is forwarded.
+    """
+
+    def __init__(self, n, seed=0, shuffle=True, sampler=None):
+        self.n, self.seed, self.shuffle, self.sampler = n, seed, shuffle, sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return self.n if self.sampler is None else len(self.sampler)
+
+    def __iter__(self):
+        if self.sampler is not None:
+            order = iter(self.sampler)
+        elif self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = range(self.n)
+        return ((self.epoch, int(i)) for i in order)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -278,7 +278,7 @@ def make_datasets(cfg, splits=('train', 'val', 'test')):
         cfg['dataset'], cfg['data_path'], split, train=split == 'train',
         root=cfg.get('media_root'), cache=cfg['cache'],
         cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'],
-        workers=max(1, cfg['num_workers'])) for split in splits}
+        workers=max(1, cfg['num_workers']), seed=cfg['seed']) for split in splits}
 
 
 class DeviceLoader:
@@ -290,7 +290,8 @@ class DeviceLoader:
     float conversion on the device, so loading never starves the GPU. Batches
     match the DataLoader's: (image (B, 3, 128, 128) in [0, 1], audio (B, 1, 256,
     256), emotion, race, gender, sentence), with the same frame rule (training:
-    uniform within +-J of the centre, evaluation: the centre frame).
+    uniform within +-J of the centre, evaluation: the centre frame). Each epoch's
+    draws come from a generator seeded by (seed, epoch) (see set_epoch).
     """
 
     def __init__(self, dataset, *, batch_size, train, shuffle, drop_last, device, seed):
@@ -303,7 +304,11 @@ class DeviceLoader:
         labels = torch.as_tensor(arrays['labels'], device=device)
         self.labels = labels[:, [datasets.EMOTION, datasets.RACE, datasets.GENDER,
                                  datasets.SENTENCE]]         # (N, 4) in the item's order
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+        self.generator = torch.Generator(device=device)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         n = len(self.dataset)
@@ -311,6 +316,7 @@ class DeviceLoader:
 
     def __iter__(self):
         n, device = len(self.dataset), self.frames.device
+        self.generator.manual_seed(datasets.epoch_seed(self.seed, self.epoch))
         order = (torch.randperm(n, device=device, generator=self.generator)
                  if self.shuffle else torch.arange(n, device=device))
         for b in range(len(self)):
@@ -336,7 +342,8 @@ def _to_device(array, device, chunk=256):
 
 def make_loader(dataset, cfg, runtime, *, train):
     """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']);
-    shuffles the training split only."""
+    shuffles the training split only. A training loader's draws (order, frames)
+    are a function of (seed, epoch): call set_epoch(loader, epoch) before each epoch."""
     drop_last = train and len(dataset) > cfg['batch_size']
     if cfg['data_on_gpu']:
         return DeviceLoader(dataset, batch_size=cfg['batch_size'], train=train,
@@ -344,10 +351,17 @@ def make_loader(dataset, cfg, runtime, *, train):
                             device=runtime.device, seed=cfg['seed'])
     generator = torch.Generator().manual_seed(cfg['seed'])
     workers = cfg['num_workers']
+    sampler = (datasets.EpochSampler(len(dataset), cfg['seed'], cfg['shuffle']) if train
+               else None)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg['batch_size'], shuffle=train and cfg['shuffle'],
+        dataset, batch_size=cfg['batch_size'], sampler=sampler,
         num_workers=workers, pin_memory=runtime.pin_memory, generator=generator,
         persistent_workers=workers > 0, drop_last=drop_last)
+
+
+def set_epoch(loader, epoch):
+    """Select the draws of `epoch` for a training loader (before iterating it)."""
+    (loader if isinstance(loader, DeviceLoader) else loader.sampler).set_epoch(epoch)
 
 
 def make_loaders(cfg, runtime, splits=('train', 'val', 'test')):
@@ -491,6 +505,7 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     best = float('inf')
     for epoch in range(1, num_epoch + 1):
         start = time.time()
+        set_epoch(loaders['train'], epoch)
         train, preds, targets = run_epoch(model, loaders['train'], runtime, variances, cfg,
                                           optimizer, desc=f'epoch {epoch} train')
         val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')

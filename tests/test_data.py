@@ -287,20 +287,36 @@ def test_arrays(train_sets):
 def test_cached_item_equals_uncached(train_sets):
     cached, uncached = train_sets
     for i in (0, len(cached) - 1):
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            a = cached[i]
-            torch.manual_seed(seed)
-            assert_items_equal(a, uncached[i])
+        for epoch in (0, 1):
+            assert_items_equal(cached[epoch, i], uncached[epoch, i])
 
 
-def test_training_items_vary_and_are_seeded(train_sets):
+def test_training_frames_depend_on_seed_epoch_and_index_only(train_sets, config, cache_dir):
     ds = train_sets[0]
     torch.manual_seed(0)
-    first = [ds[0][0] for _ in range(8)]
-    assert any(not torch.equal(first[0], x) for x in first[1:])
-    torch.manual_seed(0)
-    assert all(torch.equal(a, ds[0][0]) for a in first)
+    first = [ds[epoch, 0][0] for epoch in range(8)]
+    assert any(not torch.equal(first[0], x) for x in first[1:])  # a new frame per epoch
+    torch.manual_seed(1)                                          # global RNG: irrelevant
+    assert all(torch.equal(a, ds[epoch, 0][0]) for epoch, a in enumerate(first))
+    assert torch.equal(ds[0][0], ds[0, 0][0])
+    other = datasets.CREMADDataset(config, 'train', cache_dir=cache_dir, progress=False, seed=1)
+    assert any(not torch.equal(other[epoch, 0][0], a) for epoch, a in enumerate(first))
+
+
+def test_epoch_sampler_order_is_seeded_per_epoch():
+    sampler = datasets.EpochSampler(10, seed=3)
+    orders = []
+    for epoch in (1, 2, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1]
+    assert sorted(i for _, i in orders[1]) == list(range(10))
+    assert {e for e, _ in orders[1]} == {2}
+    assert [i for _, i in datasets.EpochSampler(4, shuffle=False)] == [0, 1, 2, 3]
+    inner = torch.utils.data.DistributedSampler(range(10), num_replicas=2, rank=1, seed=3)
+    wrapped = datasets.EpochSampler(10, sampler=inner)
+    wrapped.set_epoch(4)
+    assert inner.epoch == 4 and len(wrapped) == 5 and {e for e, _ in wrapped} == {4}
 
 
 def test_evaluation_items_are_fixed(config, twin, tmp_path):

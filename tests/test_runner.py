@@ -175,6 +175,15 @@ def test_device_loader_matches_the_dataset(workdir):
         assert all((flat == img).flatten(1).all(1).any() for img in image)
 
 
+def test_metrics_do_not_depend_on_num_workers(workdir):
+    """Training frames come from (seed, epoch, index), not from worker RNG state."""
+    runs = [main.main(args(workdir, '--num_epoch=2', '--base_type=1', f'--num_workers={w}'))
+            for w in (0, 1, 2)]
+    for other in runs[1:]:
+        assert other['confusion_matrix'] == runs[0]['confusion_matrix']
+        assert other['class_error'] == runs[0]['class_error']
+
+
 def test_a_crash_keeps_the_log_and_names_the_clip(workdir, tmp_path):
     """A clip that vanished mid-project: the run stops with an error naming it and
     its log keeps everything up to the traceback."""
