@@ -5,9 +5,12 @@ with a stereo 44.1 kHz MP3 track) and ``AudioWAV/NAME.wav`` (16 kHz mono 16-bit
 PCM). This module writes and reads both, and turns audio into the log-mel
 spectrogram and a video frame into the face crop the model sees.
 
-Two FLV readers return the same arrays: PyAV (fast, the default) and moviepy
-(the original code's reader, kept for comparison). A file that is missing or
-cannot be decoded raises ``MediaError`` naming the file.
+RML ships AVI clips (30 fps, mono 16-bit PCM at 22,050 Hz); ``write_avi`` writes
+them for its twin and the same readers decode them.
+
+Two readers return the same arrays for any container (FLV, AVI): PyAV (fast, the
+default) and moviepy (the original code's reader, kept for comparison). A file
+that is missing or cannot be decoded raises ``MediaError`` naming the file.
 """
 import wave
 
@@ -21,6 +24,8 @@ AUDIO_RATE = 44100           # FLV audio track
 WAV_RATE = 16000             # AudioWAV files
 VIDEO_BITRATE = 800_000      # close to CREMA-D's ~270 kB for a 2.5 s clip
 AUDIO_BITRATE = 64_000
+AVI_RATE = 22050             # RML's audio: mono 16-bit PCM
+AVI_BITRATE = 1_500_000      # MPEG-4 part 2 video of the RML twin
 
 # Feature parameters of the paper's pipeline.
 CROP_SIZE = 280              # top-centre square crop of the 480x360 frame
@@ -64,6 +69,31 @@ def write_flv(path, frames, audio):
         out.mux(sound.encode())
 
 
+def write_avi(path, frames, audio, sample_rate=AVI_RATE):
+    """Write an AVI like RML's: MPEG-4 part 2 video at 30 fps, mono 16-bit PCM audio.
+
+    frames: (T, H, W, 3) uint8 RGB (H and W even). audio: (N,) float in [-1, 1]
+    at sample_rate. Single-threaded encoding keeps the output identical across runs.
+    """
+    pcm = np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)[None]  # (1, N)
+    with av.open(str(path), 'w', format='avi') as out:
+        video = out.add_stream('mpeg4', rate=VIDEO_FPS)
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt, video.bit_rate = 'yuv420p', AVI_BITRATE
+        video.codec_context.thread_count = 1
+        sound = out.add_stream('pcm_s16le', rate=sample_rate, layout='mono')
+        for frame in frames:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+        out.mux(video.encode())
+        hop = 1024
+        for start in range(0, pcm.shape[1], hop):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start:start + hop]),
+                                               format='s16', layout='mono')
+            frame.sample_rate, frame.pts = sample_rate, start
+            out.mux(sound.encode(frame))
+        out.mux(sound.encode())
+
+
 def write_wav(path, audio, sample_rate=WAV_RATE):
     """16-bit PCM mono WAV. audio: (N,) float in [-1, 1]."""
     pcm = np.round(np.clip(audio, -1, 1) * 32767).astype('<i2')
@@ -90,7 +120,8 @@ def read_wav(path):
 
 
 def read_flv(path, backend='pyav', pick=None):
-    """Decode a clip: (frames (T, H, W, 3) uint8 RGB, audio (C, N) float32, fps, rate).
+    """Decode a clip (FLV, AVI or any container FFmpeg reads): (frames (T, H, W, 3)
+    uint8 RGB, audio (C, N) float32 in [-1, 1], fps, rate).
 
     backend: 'pyav' (fast) or 'moviepy' (the original code's reader).
     pick: optional function num_frames -> frame indices; only those frames are
@@ -125,9 +156,17 @@ def _read_pyav(path, pick):
                 chunks.append(frame.to_ndarray().reshape(len(frame.layout.channels), -1)
                               if frame.format.is_planar else
                               frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T)
-    audio = np.concatenate(chunks, axis=1).astype(np.float32)
+    audio = _to_float(np.concatenate(chunks, axis=1))
     picked = [frames[i].to_ndarray(format='rgb24') for i in pick(len(frames))]
     return np.stack(picked) if picked else np.zeros((0, 0, 0, 3), np.uint8), audio, fps, rate
+
+
+def _to_float(samples):
+    """Decoded samples -> float32 in [-1, 1]: PCM integers (AVI) are scaled, floats
+    (MP3) kept."""
+    if np.issubdtype(samples.dtype, np.integer):
+        return (samples / float(-np.iinfo(samples.dtype).min)).astype(np.float32)
+    return samples.astype(np.float32)
 
 
 def _read_moviepy(path, pick):

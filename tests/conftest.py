@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic CREMA-D twins, made once per test session."""
+"""Shared fixtures: tiny synthetic CREMA-D and RML twins, made once per test session."""
 import sys
 from pathlib import Path
 
@@ -26,4 +26,17 @@ def twin(tmp_path_factory):
     import synth_cremad
     root = tmp_path_factory.mktemp('twin') / 'CREMA-D'
     synth_cremad.generate(root=root, workers=2, **TINY)
+    return root
+
+
+# 3 subjects (s1, s2 filmed at 480, s3 at 240) x 6 emotions x 1 short clip = 18 clips.
+TINY_RML = {'num_subjects': 3, 'clips_per_emotion': 1, 'duration_scale': 0.3, 'seed': 0}
+
+
+@pytest.fixture(scope='session')
+def rml_twin(tmp_path_factory):
+    """Root of a tiny synthetic RML tree (s1/, s2/, s3/ of AVI clips, ground_truth.csv)."""
+    import synth_rml
+    root = tmp_path_factory.mktemp('rml') / 'RML'
+    synth_rml.generate(root=root, workers=2, progress=False, **TINY_RML)
     return root
