@@ -429,7 +429,7 @@ class ReferenceModel(nn.Module):
         half = d // 2
         self.solver = nn.Sequential(
             nn.Conv2d(2 * d, half, 3, 2, 1), nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, half, 3, 2, 1), nn.Dropout(0.5), *ref_stack(half, max(1, d // 8), n),
+            nn.Conv2d(half, half, 3, 2, 1), nn.Dropout(0.5), *ref_stack(half, r // 4, n),
             nn.Flatten(), nn.Linear(half * 64, 256), nn.BatchNorm1d(256), nn.ReLU(),
             nn.Dropout(0.5), nn.Linear(256, cfg['num_classes']))
 

@@ -12,7 +12,7 @@ Builders (cfg is a mapping; extra keys are ignored; bad values raise ValueError)
     build_model(cfg)            -> Model | ModelBaseline | ModelComparison | ModelFeat
     build_vqvae(cfg)            -> ModelVQVAE      (two-stage, stage 1)
     build_solver(cfg)           -> ModelSolver     (two-stage, stage 2)
-    build_probe(cfg, keep=, mix=) -> ModelProbe
+    build_probe(cfg, keep=)     -> ModelProbe      (keep: PROBE_KEEPS)
 Models (keyword-only constructors, paper sizes by default):
     Model               base_type 0: VQ-VAE x 2 + masked TaskSolver
     ModelBaseline       base_type 1 (no VQ/decoders, no mask), 2 (no mask),
@@ -21,6 +21,8 @@ Models (keyword-only constructors, paper sizes by default):
     ModelVQVAE          encoders + pre-VQ + quantizers + decoders, no classifier
     ModelSolver         TaskSolver on frozen quantized maps: forward(q_image, q_audio)
     ModelProbe + Masker decode shared-only / private-only / neighbour-mixed codes
+Released checkpoints: load_released(net, state_dict) loads the released code's
+    state dict (its module names) into the matching model, in place.
     ModelFeat + TaskSolverFeat  per-frame feature sequences (B, T, F), LSTM
 All forwards return ModelOutput (fields a variant does not produce are None):
     logits (B, C), vq_loss (image + audio), recon_image, recon_audio,
@@ -33,10 +35,12 @@ Every model has (None / no-op when it has no mask or no codebook):
     codebooks() -> (image codebook (K, D) or None, audio codebook (K, D) or None)
     get_mask() -> raw mask (2D,) or None; set_mask(values); reset_mask()
 
-Parity note: the TaskSolver's residual stack (on D/2 channels) uses D // 8 hidden
-channels, a quarter of its width like the encoders' 32-of-128; this is what the
-published parameter counts require (2,000,842 for Model with decay=0).
-`python3 model.py` prints the paper-size counts (checked in tests/test_model.py).
+As released: the TaskSolver's residual stack (on D/2 channels) has
+num_residual_hiddens // 4 hidden channels; 'attention' masks multiply by the raw
+values but count channels with the binarizer rule; the probe's 'mix' gives sample
+i the private codes of sample i - 1. `load_released(net, state_dict)` loads a
+state dict saved by the released code. `python3 model.py` prints the paper-size
+parameter counts (checked in tests/test_model.py).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ BASE_TYPES = (0, 1, 2, 3, 4)
 THRESHOLD_FNS = ('binarizer', 'ternarizer', 'attention', 'randomizer')
 MASK_INITS = ('1s', 'uniform')
 DATASETS = ('CREMA-D', 'RML', 'RML_feat', 'EmoVoxCeleb')
-PROBE_KEEPS = ('all', 'shared', 'private')
+PROBE_KEEPS = ('all', 'shared', 'private', 'mix')
 MODALITIES = ('image', 'audio')
 DEFAULT_THRESHOLD = 5e-3
 FEATURE_FRAMES = 16            # time frames the feature TaskSolver models (released)
@@ -446,11 +450,26 @@ class _MaskedSolver(nn.Module):
             values = torch.as_tensor(values, dtype=self.mask.dtype)
             self.mask.copy_(values.reshape(self.mask.shape))
 
-    def mask_ratios(self):
-        mask = self.thresholded_mask()
-        if mask is None:
+    def shared_channels(self):
+        """(2D, 1, 1) float, 1 where a channel counts as shared, else 0; or None.
+
+        The thresholded mask's non-zeros, except for 'attention', whose forward
+        multiplies by the raw values: like the released get_private_shared_ratio,
+        its channels are counted with the binarizer rule (raw > threshold).
+        """
+        if self.mask is None:
             return None
-        return compute_mask_ratios(mask, self.embedding_dim)
+        if self.threshold_fn == 'attention':
+            mask = binarizer(self.mask, self.threshold)
+        else:
+            mask = self.thresholded_mask()
+        return (mask.detach() != 0).to(mask.dtype)
+
+    def mask_ratios(self):
+        shared = self.shared_channels()
+        if shared is None:
+            return None
+        return compute_mask_ratios(shared, self.embedding_dim)
 
     def mask_regularization(self):
         return None if self.mask is None else self.mask.sum()
@@ -495,25 +514,27 @@ class TaskSolver(_MaskedSolver):
     """
 
     def __init__(self, *, mode='multimodal', embedding_dim=64, num_residual_layers=2,
-                 residual_hiddens=None, num_classes=6, masked=True, mask_init='1s',
+                 num_residual_hiddens=32, num_classes=6, masked=True, mask_init='1s',
                  mask_scale=1e-2, threshold_fn='binarizer', threshold=None,
                  latent_size=32, dropout=0.5):
         super().__init__(mode=mode, embedding_dim=embedding_dim, masked=masked,
                          mask_init=mask_init, mask_scale=mask_scale,
                          threshold_fn=threshold_fn, threshold=threshold)
+        # As released: the stack has D/2 channels (the released num_hiddens / 4, equal
+        # whenever that code runs) and num_residual_hiddens // 4 hidden channels.
         half = embedding_dim // 2
-        if residual_hiddens is None:
-            residual_hiddens = max(1, embedding_dim // 8)  # see the parity note
         in_channels = embedding_dim * len(self.in_modalities)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, half, 3, stride=2, padding=1),
             nn.BatchNorm2d(half), nn.ReLU(inplace=True),
             nn.Conv2d(half, half, 3, stride=2, padding=1),
             nn.Dropout(dropout),
-            ResidualStack(channels=half, hiddens=residual_hiddens,
+            ResidualStack(channels=half, hiddens=num_residual_hiddens // 4,
                           num_layers=num_residual_layers),
         )
-        flat = half * (latent_size // 4) ** 2
+        # Two stride-2 convs: latent_size / 4 per side (the released code hard-codes
+        # 2048 = 32 * 8 * 8, so it runs only at embedding_dim 64).
+        flat = half * (-(-latent_size // 4)) ** 2
         self.classifier = _mlp_head(flat, num_classes, dropout)
 
     def forward(self, q_image, q_audio):
@@ -728,8 +749,8 @@ class _SolverModel(_ModelBase):
             num_embeddings=num_embeddings, commitment_cost=commitment_cost,
             decay=decay, quantize=quantize, modalities=modalities)
         self.solver = TaskSolver(
-            mode=mode, embedding_dim=embedding_dim,
-            num_residual_layers=num_residual_layers, num_classes=num_classes,
+            mode=mode, embedding_dim=embedding_dim, num_residual_layers=num_residual_layers,
+            num_residual_hiddens=num_residual_hiddens, num_classes=num_classes,
             masked=masked, mask_init=mask_init, mask_scale=mask_scale,
             threshold_fn=threshold_fn, threshold=threshold)
 
@@ -796,12 +817,12 @@ class ModelSolver(_ModelBase):
     """
 
     def __init__(self, *, mode='multimodal', embedding_dim=64, num_residual_layers=2,
-                 num_classes=6, masked=True, mask_init='1s', mask_scale=1e-2,
-                 threshold_fn='binarizer', threshold=None):
+                 num_residual_hiddens=32, num_classes=6, masked=True, mask_init='1s',
+                 mask_scale=1e-2, threshold_fn='binarizer', threshold=None):
         super().__init__()
         self.solver = TaskSolver(
-            mode=mode, embedding_dim=embedding_dim,
-            num_residual_layers=num_residual_layers, num_classes=num_classes,
+            mode=mode, embedding_dim=embedding_dim, num_residual_layers=num_residual_layers,
+            num_residual_hiddens=num_residual_hiddens, num_classes=num_classes,
             masked=masked, mask_init=mask_init, mask_scale=mask_scale,
             threshold_fn=threshold_fn, threshold=threshold)
 
@@ -814,26 +835,27 @@ class ModelSolver(_ModelBase):
 class Masker(nn.Module):
     """Select shared (mask != 0) and/or private (mask == 0) code channels.
 
-    keep: 'all', 'shared' or 'private'. mix=True replaces every sample's private
-    channels by those of its neighbour: sample i gets sample (i + 1) % B's.
+    keep: 'all' (every channel), 'shared', 'private', or 'mix': sample i keeps its
+    own shared channels and takes the private channels of sample i - 1 (sample 0
+    those of the last one), a roll by +1 along the batch as in the released code.
     """
 
-    def __init__(self, *, embedding_dim, keep='shared', mix=False):
+    def __init__(self, *, embedding_dim, keep='shared'):
         super().__init__()
         check_choice('keep', keep, PROBE_KEEPS)
-        self.embedding_dim, self.keep, self.mix = embedding_dim, keep, mix
+        self.embedding_dim, self.keep = embedding_dim, keep
 
     def _select(self, x, half):
-        """x (B, D, *S), half (D,) thresholded mask -> x with channels dropped/mixed."""
+        """x (B, D, *S), half (D,) shared-channel mask -> x with channels dropped/mixed."""
         view = (1, -1, *[1] * (x.dim() - 2))
         shared = (half.detach() != 0).to(x.dtype).reshape(view)
-        private_src = torch.roll(x, shifts=-1, dims=0) if self.mix else x
-        keep_shared = self.keep in ('all', 'shared')
-        keep_private = self.keep in ('all', 'private')
+        private_src = torch.roll(x, shifts=1, dims=0) if self.keep == 'mix' else x
+        keep_shared = self.keep in ('all', 'shared', 'mix')
+        keep_private = self.keep in ('all', 'private', 'mix')
         return x * shared * keep_shared + private_src * (1 - shared) * keep_private
 
     def forward(self, q_image, q_audio, mask):
-        """mask: thresholded (2D, ...) with the image half first."""
+        """mask: (2D, ...) with the image half first; non-zero = shared channel."""
         flat = mask.reshape(-1)
         d = self.embedding_dim
         return self._select(q_image, flat[:d]), self._select(q_audio, flat[d:])
@@ -843,18 +865,19 @@ class ModelProbe(Model):
     """A Model whose decoders see only shared, only private or neighbour-mixed codes.
 
     Holds exactly Model's parameters, so a trained Model's state_dict loads into
-    it. Extra keywords: keep ('all', 'shared', 'private'), mix (bool). Logits
-    come from the unmasked path, reconstructions from the Masker's codes.
+    it. Extra keyword: keep ('all', 'shared', 'private', 'mix'; see Masker).
+    Shared channels are those mask_ratios counts as shared. Logits come from the
+    unmasked path, reconstructions from the Masker's codes.
     """
 
-    def __init__(self, *, keep='shared', mix=False, **kwargs):
+    def __init__(self, *, keep='shared', **kwargs):
         super().__init__(**kwargs)
-        self.masker = Masker(embedding_dim=self.solver.embedding_dim, keep=keep, mix=mix)
+        self.masker = Masker(embedding_dim=self.solver.embedding_dim, keep=keep)
 
     def forward(self, image, audio):
         out = super().forward(image, audio)
         q_image, q_audio = self.masker(out.quantized_image, out.quantized_audio,
-                                       self.solver.thresholded_mask())
+                                       self.solver.shared_channels())
         recon_image, recon_audio = self.backbone.decode(q_image, q_audio)
         return out._replace(recon_image=recon_image, recon_audio=recon_audio,
                             quantized_image=q_image, quantized_audio=q_audio)
@@ -941,9 +964,11 @@ def validate_config(cfg):
     for key in ('num_hiddens', 'embedding_dim'):
         if cfg[key] < 4 or cfg[key] % 4:
             raise ValueError(f'{key}={cfg[key]!r} must be a positive multiple of 4')
-    for key in ('num_residual_hiddens', 'num_embeddings', 'num_classes'):
+    for key in ('num_embeddings', 'num_classes'):
         if cfg[key] < 1:
             raise ValueError(f'{key}={cfg[key]!r} must be >= 1')
+    if cfg['num_residual_hiddens'] < 4:  # the TaskSolver's stack gets a quarter of it
+        raise ValueError(f"num_residual_hiddens={cfg['num_residual_hiddens']!r} must be >= 4")
     if cfg['num_residual_layers'] < 0:
         raise ValueError(f"num_residual_layers={cfg['num_residual_layers']!r} must be >= 0")
 
@@ -1007,15 +1032,19 @@ def build_solver(cfg):
     _check_two_stage(cfg)
     return ModelSolver(embedding_dim=cfg['embedding_dim'],
                        num_residual_layers=cfg['num_residual_layers'],
+                       num_residual_hiddens=cfg['num_residual_hiddens'],
                        masked=cfg['base_type'] == 0, **_mask_kwargs(cfg))
 
 
-def build_probe(cfg, *, keep='shared', mix=False):
-    """ModelProbe with Model's architecture (load a base_type 0 state_dict into it)."""
+def build_probe(cfg, *, keep='shared'):
+    """ModelProbe with Model's architecture (load a base_type 0 state_dict into it).
+
+    keep: 'all', 'shared', 'private' or 'mix' (own shared + previous sample's private).
+    """
     validate_config(cfg)
     if cfg['base_type'] != 0:
         raise ValueError(f"probing needs base_type 0, not {cfg['base_type']!r}")
-    return ModelProbe(keep=keep, mix=mix, **_vqvae_kwargs(cfg), **_mask_kwargs(cfg))
+    return ModelProbe(keep=keep, **_vqvae_kwargs(cfg), **_mask_kwargs(cfg))
 
 
 def count_parameters(model):

@@ -208,19 +208,19 @@ def test_set_and_reset_mask_keep_the_parameter():
         small_model(1).set_mask(torch.zeros(2 * D))
 
 
-def test_mix_swaps_private_codes_between_neighbours():
-    masker = M.Masker(embedding_dim=2, keep='all', mix=True)
+def test_mix_takes_the_previous_samples_private_codes():
+    masker = M.Masker(embedding_dim=2, keep='mix')
     mask = torch.tensor([1.0, 0.0, 0.0, 1.0])  # image: ch0 shared; audio: ch1 shared
     q = torch.arange(3).float().reshape(3, 1, 1, 1).expand(3, 2, 1, 1)  # sample i -> i
     q_image, q_audio = masker(q, q, mask)
     assert q_image[:, 0].flatten().tolist() == [0, 1, 2]  # shared: own
-    assert q_image[:, 1].flatten().tolist() == [1, 2, 0]  # private: sample (i+1) % B
+    assert q_image[:, 1].flatten().tolist() == [2, 0, 1]  # private: sample i - 1 (roll +1)
     assert q_audio[:, 1].flatten().tolist() == [0, 1, 2]
-    assert q_audio[:, 0].flatten().tolist() == [1, 2, 0]
+    assert q_audio[:, 0].flatten().tolist() == [2, 0, 1]
 
 
 @pytest.mark.parametrize(('keep', 'image_channels'), [
-    ('shared', [1.0, 0.0]), ('private', [0.0, 1.0]), ('all', [1.0, 1.0])])
+    ('shared', [1.0, 0.0]), ('private', [0.0, 1.0]), ('all', [1.0, 1.0]), ('mix', [1.0, 1.0])])
 def test_masker_keeps_shared_or_private(keep, image_channels):
     masker = M.Masker(embedding_dim=2, keep=keep)
     q_image, _ = masker(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1),
@@ -228,12 +228,44 @@ def test_masker_keeps_shared_or_private(keep, image_channels):
     assert q_image.flatten().tolist() == image_channels
 
 
+def test_probe_arguments_cannot_be_combined_wrongly():
+    with pytest.raises(TypeError):
+        M.build_probe(SMALL_CFG, keep='shared', mix=True)  # one argument says it all
+    with pytest.raises(ValueError, match="keep='mixed' is not one of"):
+        M.build_probe(SMALL_CFG, keep='mixed')
+
+
 def test_probe_loads_model_state():
     trained = small_model(0)
-    probe = M.build_probe(SMALL_CFG, keep='private', mix=True)
+    probe = M.build_probe(SMALL_CFG, keep='mix')
     probe.load_state_dict(trained.state_dict())
     out = probe.eval()(*batch())
     assert out.recon_image.shape == (B, 3, 128, 128)
+
+
+def test_attention_ratios_use_the_binarizer_rule():
+    # The forward gates by the raw values; ratios (and the probe) count raw > threshold.
+    model = small_model(0, threshold_fn='attention')
+    image_half = [0.5, 0.2, 0.004, -0.3, 0.0, 0.001, 0.01, 0.006]  # 4 above 5e-3
+    audio_half = [0.1, -0.1, -0.2, 0.003, 0.002, 0.001, -0.004, 0.0]  # 1 above
+    model.set_mask(torch.tensor(image_half + audio_half))
+    assert model.mask_ratios() == pytest.approx({
+        'private1': 25.0, 'shared1': 25.0, 'private2': 43.75, 'shared2': 6.25,
+        'complementarity': 25.0})
+    assert torch.equal(model.solver.thresholded_mask().reshape(-1),
+                       torch.tensor(image_half + audio_half))
+
+
+@pytest.mark.parametrize(('r', 'd'), [(16, 8), (8, 32)])
+def test_solver_residual_width_is_a_quarter_of_num_residual_hiddens(r, d):
+    for net in (small_model(0, num_residual_hiddens=r, embedding_dim=d),
+                small_model(2, num_residual_hiddens=r, embedding_dim=d),
+                M.build_solver({**SMALL_CFG, 'num_residual_hiddens': r, 'embedding_dim': d})):
+        stack = net.solver.features[-1]  # ResidualStack on D/2 channels
+        conv3x3 = stack[0].block[2]
+        assert (conv3x3.in_channels, conv3x3.out_channels) == (d // 2, r // 4)
+    with pytest.raises(ValueError, match='num_residual_hiddens=3 must be >= 4'):
+        small_model(0, num_residual_hiddens=3)
 
 
 # ---------------------------------------------------------------- quantizers
