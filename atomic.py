@@ -1,12 +1,27 @@
-"""Atomic file writes: write to a temporary name beside the target, then rename.
+"""Atomic writes: write to a temporary name beside the target, then rename.
 
-A run that is killed midway leaves either the old file or the new one, never a
-half-written file that looks complete. Used for every file the project writes
-(split configs, media, caches' metadata, run folders, plots).
+A run that is killed midway leaves either the old file (or folder) or the new
+one, never a half-written one that looks complete. Used for every file the
+project writes (split configs, media, caches' metadata, run folders, plots) and,
+with ``write_folder``, for whole folders (split configs, decode caches).
+
+Temporary folders are named ``.<name>.tmp-<host>-<pid>-<random>`` beside their
+target, so that ``remove_stale_temps`` can remove the leftovers of a killed
+process (SIGKILL, power loss) on the next start without touching the folder of
+a process that is still writing.
 """
+import contextlib
+import ctypes
+import errno
+import glob
 import json
 import os
 import pickle
+import shutil
+import signal
+import socket
+import tempfile
+import threading
 from pathlib import Path
 
 
@@ -44,3 +59,110 @@ def write_json(path, obj, default=None):
 
 def write_pickle(path, obj):
     write_bytes(path, pickle.dumps(obj))
+
+
+# ----------------------------------------------------------------------------- folders
+
+def temp_folder(target):
+    """A new empty temporary folder beside ``target`` (same file system: rename works)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f'.{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-'
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+
+
+def remove_stale_temps(target, say=print):
+    """Remove the temporary folders of ``target`` left by dead processes of this host;
+    say one line per folder removed. Returns the removed paths."""
+    target = Path(target)
+    prefix = f'.{target.name}.tmp-{socket.gethostname()}-'
+    removed = []
+    for path in sorted(target.parent.glob(f'{glob.escape(prefix)}*')):
+        pid = path.name[len(prefix):].split('-')[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            say(f'removed {path}: temporary folder of a killed process (pid {pid})')
+            removed.append(path)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def write_folder(target, fill, overwrite=False):
+    """Call fill(temporary folder), then rename that folder to ``target``.
+
+    An interruption (an exception, SIGTERM, or SIGKILL followed by
+    remove_stale_temps) leaves ``target`` as it was. overwrite=False refuses a
+    non-empty target with FileExistsError, decided by the rename itself, so two
+    concurrent writers cannot both succeed; overwrite=True swaps the folders in
+    one atomic exchange (Linux renameat2), then removes the old one.
+    """
+    target = Path(target)
+    tmp = temp_folder(target)
+    try:
+        with sigterm_raises():
+            fill(tmp)
+            _publish(tmp, target, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder after a swap, or a failed one
+
+
+def _publish(tmp, target, overwrite):
+    try:
+        os.rename(tmp, target)  # onto a missing or empty folder only
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        if not overwrite:
+            raise FileExistsError(f'{target} already exists and is not empty; pass '
+                                  'overwrite=True (--overwrite=True) to replace it') from None
+    exchange(tmp, target)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a, b):
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); where the kernel or the
+    file system cannot, rename b aside first (a short window without b)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                     _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), str(b))
+    aside = Path(f'{a}-old')
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Inside: SIGTERM raises SystemExit(143), so that cleanup (finally) runs.
+
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

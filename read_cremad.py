@@ -36,7 +36,7 @@ seed = 0                        # split seed
 split_by = 'clip'               # 'clip' (the paper: actors overlap) or 'actor' (disjoint actors)
 split_sizes = (5954, 744, 744)  # train, val, test of 7,442 clips; scaled for other counts
 faulty = ('1064_TIE_SAD_XX', '1064_IEO_DIS_MD', '1076_MTI_NEU_XX', '1076_MTI_SAD_XX')
-overwrite = False               # True: replace the files of an existing data_path
+overwrite = False               # True: replace an existing data_path (swapped as a whole)
 workers = datasets.DEFAULT_WORKERS  # processes decoding clips for the variances
 cache = True                    # compute the variances through the decode-once cache
 cache_dir = 'cache'             # where that cache lives (reused by training)
@@ -219,7 +219,8 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
     overwrite. Returns the split.json record.
     """
     out = Path(data_path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    atomic.remove_stale_temps(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # early; the rename decides
         raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
                               'pass overwrite=True (--overwrite=True) to replace its files')
     root = os.path.normpath(root)
@@ -238,16 +239,33 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
               'dropped': {'faulty': [n for n in dropped if n in set(faulty)],
                           'missing': [n for n in dropped if n not in set(faulty)]},
               'image_var': image_var, 'audio_var': audio_var}
-    out.mkdir(parents=True, exist_ok=True)
-    for s in SPLITS:
-        labels = encode_labels(splits[s], demographics)
-        atomic.write_pickle(out / f'{s}_videos.pkl', paths[s])
-        atomic.write_pickle(out / f'{s}_labels.pkl', labels)
-        atomic.write_bytes(out / f'{s}_stats.txt', format_stats(labels, s))
-    atomic.write_pickle(out / 'train_image_var.pkl', image_var)
-    atomic.write_pickle(out / 'train_audio_var.pkl', audio_var)
-    atomic.write_json(out / 'split.json', record)
+    labels = {s: encode_labels(splits[s], demographics) for s in SPLITS}
+    write_split_folder(out, {s: (paths[s], labels[s], format_stats(labels[s], s))
+                             for s in SPLITS},
+                       (image_var, audio_var), record, overwrite=overwrite)
     return record
+
+
+def write_split_folder(data_path, splits, variances, record, *, overwrite=False):
+    """Write a split config folder as a whole: all new files or none.
+
+    splits: {split: (paths, labels (aligned lists), stats text)}; variances:
+    (image_var, audio_var) of the training split; record: the split.json dict.
+    The files go to a temporary sibling folder renamed into place
+    (atomic.write_folder): an interruption leaves the old folder or the new
+    one, never a mix; overwrite=False refuses a non-empty data_path
+    (FileExistsError), even against a concurrent writer.
+    """
+    def fill(folder):
+        for s, (paths, labels, stats) in splits.items():
+            atomic.write_pickle(folder / f'{s}_videos.pkl', list(paths))
+            atomic.write_pickle(folder / f'{s}_labels.pkl', labels)
+            atomic.write_bytes(folder / f'{s}_stats.txt', stats)
+        for name, value in zip(('train_image_var.pkl', 'train_audio_var.pkl'), variances,
+                               strict=True):
+            atomic.write_pickle(folder / name, value)
+        atomic.write_json(folder / 'split.json', record)
+    atomic.write_folder(data_path, fill, overwrite=overwrite)
 
 
 def prepare_twin(twin_root, data_path, *, seed=0, workers=datasets.DEFAULT_WORKERS,
