@@ -278,7 +278,7 @@ class CREMADDataset(Dataset):
 
     def __getitem__(self, key):
         """key: an index, or (epoch, index) from an EpochSampler (an index alone is epoch 0)."""
-        epoch, i = key if isinstance(key, tuple) else (0, key)
+        epoch, i = split_key(key)
         offset = self._frame_offset(epoch, i)
         if self.cache_path is None:
             faces, spec = decode_clip(self.paths[i], self.frame_jitter, self.backend, [offset])
@@ -294,8 +294,8 @@ class CREMADDataset(Dataset):
         """Training: uniform in -jitter..jitter, drawn from (seed, epoch, i) alone; else 0."""
         if not self.train or self.frame_jitter == 0:
             return 0
-        rng = np.random.default_rng((self.seed, epoch, int(i)))
-        return int(rng.integers(-self.frame_jitter, self.frame_jitter + 1))
+        return int(item_rng(self.seed, epoch, i).integers(-self.frame_jitter,
+                                                          self.frame_jitter + 1))
 
     def arrays(self):
         """{'frames': (N, W, 128, 128, 3) uint8, 'specs': (N, 256, 256) float32 memmaps,
@@ -314,6 +314,17 @@ class CREMADDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- sampling
+
+def split_key(key):
+    """A dataset key -> (epoch, index): EpochSampler yields (epoch, index); an index
+    alone is epoch 0."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
+def item_rng(seed, epoch, index):
+    """The generator of an item's training draws: a pure function of (seed, epoch, index)."""
+    return np.random.default_rng((seed, epoch, int(index)))
+
 
 def epoch_seed(seed, epoch):
     """A 63-bit seed for epoch-level draws (the shuffle order), a pure function of both."""
@@ -353,12 +364,111 @@ class EpochSampler(Sampler):
         return ((self.epoch, int(i)) for i in order)
 
 
+# ----------------------------------------------------------------------------- EmoVoxCeleb
+
+# FER+ classes of the facial-expression teacher, in the order of its logits.
+FERPLUS = ('neutral', 'happiness', 'surprise', 'sadness', 'anger', 'disgust', 'fear', 'contempt')
+EMO_RATE = 16000                                      # VoxCeleb WAVs
+EMO_MEL = dict(n_fft=512, hop_length=160, win_length=400)  # released; librosa's 128 mels
+# The released item resizes the log-mel to 512x512 and gives the audio the image
+# encoder (4x down: a 128x128 latent, not the image's 32x32). 256x256 through the
+# audio encoder (8x down) gives the 32x32 latent the TaskSolver needs.
+EMO_AUDIO_SIZE = 256
+EMO_SPLIT_FILES = ('image', 'audio', 'labels', 'index')
+
+
+def load_emo_split(data_path, split):
+    """{'image': [(frame folder, num_frames)], 'audio': [WAV path], 'labels': [(frames, 8)
+    float32 teacher logits per video], 'index': [video of each item]} of a read_emo.py
+    split folder; ValueError names the file of a malformed or misaligned list."""
+    lists = {}
+    for kind in EMO_SPLIT_FILES:
+        path = Path(data_path) / f'{split}_{kind}.pkl'
+        if not path.is_file():
+            raise FileNotFoundError(f'split file {path} does not exist (build it with read_emo.py)')
+        with open(path, 'rb') as f:
+            lists[kind] = list(pickle.load(f))
+    where = f'{data_path} split {split!r}'
+    if not len(lists['image']) == len(lists['audio']) == len(lists['index']):
+        raise ValueError(f'{where}: {len(lists["image"])} image, {len(lists["audio"])} audio '
+                         f'and {len(lists["index"])} index entries; they must be aligned')
+    lists['labels'] = [np.asarray(x, np.float32) for x in lists['labels']]
+    for i, ((folder, count), video) in enumerate(zip(lists['image'], lists['index'],
+                                                     strict=True)):
+        if not 0 <= video < len(lists['labels']):
+            raise ValueError(f'{where}: item {i} points to video {video} of '
+                             f'{len(lists["labels"])} in {split}_labels.pkl')
+        if lists['labels'][video].shape != (count, len(FERPLUS)):
+            raise ValueError(f'{where}: item {i} ({folder}) has {count} frames but its logits '
+                             f'are {lists["labels"][video].shape}, not ({count}, {len(FERPLUS)})')
+    return lists
+
+
+def subsample_items(n, subsample):
+    """Positions kept by the seed's subsample=N: every ceil(n / N)-th item from 0."""
+    if subsample is None:
+        return np.arange(n)
+    return np.arange(0, n, int(np.ceil(n / float(subsample))))
+
+
+def frame_name(k):
+    """Frame file of 0-based frame k in a face-track folder: '000001.jpg' for k = 0."""
+    return f'{k + 1:06d}.jpg'
+
+
+class EmoVoxCelebDataset(Dataset):
+    """EmoVoxCeleb items of a read_emo.py split folder.
+
+    Item: (image (3, 128, 128) float32 in [0, 1], log-mel (1, 256, 256) float32,
+    teacher logits (8,) float32 of the drawn frame, FER+ order). The frame is drawn
+    uniformly from the track when training (from a generator seeded by (seed,
+    epoch, item), keys (epoch, i) as the training sampler yields them) and is the
+    track's centre frame when evaluating. subsample=N keeps every ceil(len/N)-th
+    item, as the seed does.
+    """
+
+    def __init__(self, data_path, split, *, train=None, subsample=None, seed=0):
+        lists = load_emo_split(data_path, split)
+        keep = subsample_items(len(lists['index']), subsample)
+        self.tracks = [lists['image'][k] for k in keep]   # (frame folder, num_frames)
+        self.audio = [lists['audio'][k] for k in keep]    # WAV paths
+        self.videos = [lists['index'][k] for k in keep]   # item -> entry of labels
+        self.labels = lists['labels']                      # per video: (frames, 8)
+        self.train = split == 'train' if train is None else train
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.tracks)
+
+    def __getitem__(self, key):
+        """key: an index, or (epoch, index) from the training sampler."""
+        epoch, i = split_key(key)
+        k = self.frame(epoch, i)
+        face = media.read_jpeg(Path(self.tracks[i][0]) / frame_name(k), media.IMAGE_SIZE)
+        samples, rate = media.read_wav(self.audio[i])
+        spec = media.resized_log_mel(samples, rate, EMO_AUDIO_SIZE, **EMO_MEL)
+        logits = torch.from_numpy(self.labels[self.videos[i]][k].copy())
+        return to_image(face), to_spectrogram(spec), logits
+
+    def frame(self, epoch, i):
+        """0-based frame of item i: uniform over the track in training, else the centre."""
+        count = self.tracks[i][1]
+        if not self.train:
+            return media.centre_index(count)
+        return int(item_rng(self.seed, epoch, i).integers(count))
+
+
 # ----------------------------------------------------------------------------- registry
 
-DATASETS = {'CREMA-D': CREMADDataset}
-PLANNED = ('RML', 'RML_feat', 'RML_probe', 'EmoVoxCeleb')  # not implemented yet
-NUM_CLASSES = {'CREMA-D': 6, 'RML': 6, 'RML_feat': 6, 'RML_probe': 6,
-               'EmoVoxCeleb': 8}  # EmoVoxCeleb: the 8 FER+ emotions
+DATASETS = {'CREMA-D': CREMADDataset, 'EmoVoxCeleb': EmoVoxCelebDataset}
+PLANNED = ('RML', 'RML_feat', 'RML_probe')  # not implemented yet
+RML_EMOTIONS = ('happiness', 'sadness', 'anger', 'fear', 'surprise', 'disgust')
+# Class names in label order (logs, metrics, plots); their count sizes the classifier.
+CLASS_NAMES = {'CREMA-D': EMOTIONS, 'RML': RML_EMOTIONS, 'RML_feat': RML_EMOTIONS,
+               'RML_probe': RML_EMOTIONS, 'EmoVoxCeleb': FERPLUS}
+NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
+# Datasets whose label is a teacher's logits (C,): MSE loss, accuracy by arg-max.
+SOFT_LABELS = ('EmoVoxCeleb',)
 
 
 def get_dataset(name, *args, **kwargs):

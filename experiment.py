@@ -69,6 +69,11 @@ def _timestamp(v):
         return False
 
 
+def _subsample(v):
+    """None (every item) or an int > 0 (keep every ceil(len/N)-th item)"""
+    return v is None or _positive_int(v)
+
+
 def _device(v):
     """'auto', 'cpu', 'cuda' or 'cuda:N'"""
     return v in ('auto', 'cpu', 'cuda') or (isinstance(v, str) and v.startswith('cuda:')
@@ -102,6 +107,8 @@ CHOICES = {
     'regularization': (True, False),
     'recon_loss': RECON_LOSSES,
     'modify_modal': (False, True),
+    'subsample': _subsample,
+    'layer': _positive_int,
     'seed': _non_negative_int,
     'device': _device,
     'num_workers': _non_negative_int,
@@ -120,12 +127,18 @@ def check_config(cfg):
     """Reject invalid combinations before any work; messages list what is allowed."""
     if cfg['balanced']:
         raise ValueError('balanced=True is deprecated and not supported; use balanced=False')
-    if cfg['dataset'] != 'CREMA-D':
+    if cfg['dataset'] not in datasets.DATASETS:
         raise ValueError(f"dataset={cfg['dataset']!r} is not implemented yet; "
-                         f"implemented: 'CREMA-D'")
+                         f"implemented: {', '.join(map(repr, datasets.DATASETS))}")
     if cfg['pretrained'] or cfg['modify_modal']:
-        raise ValueError('pretrained and modify_modal apply to the RML dataset only; '
-                         'with CREMA-D both must be False')
+        raise ValueError(f"pretrained and modify_modal apply to the RML dataset only; "
+                         f"with {cfg['dataset']} both must be False")
+    if cfg.get('subsample') is not None and cfg['dataset'] != 'EmoVoxCeleb':
+        raise ValueError(f"subsample applies to EmoVoxCeleb only; with {cfg['dataset']} "
+                         "it must be None")
+    if cfg['data_on_gpu'] and cfg['dataset'] != 'CREMA-D':
+        raise ValueError(f"data_on_gpu=True samples from the CREMA-D cache; with "
+                         f"{cfg['dataset']} it must be False")
     if cfg['data_on_gpu'] and not cfg['cache']:
         raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
     if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
@@ -272,13 +285,20 @@ class Runtime:
 
 # ----------------------------------------------------------------------------- data
 
+def dataset_options(cfg):
+    """The keyword arguments cfg['dataset']'s class takes from the config."""
+    if cfg['dataset'] == 'EmoVoxCeleb':
+        return {'subsample': cfg.get('subsample'), 'seed': cfg['seed']}
+    return {'root': cfg.get('media_root'), 'cache': cfg['cache'], 'cache_dir': cfg['cache_dir'],
+            'frame_jitter': cfg['frame_jitter'], 'workers': max(1, cfg['num_workers']),
+            'seed': cfg['seed']}
+
+
 def make_datasets(cfg, splits=('train', 'val', 'test')):
-    """The CREMA-D splits of cfg['data_path'] (training frames drawn at random)."""
-    return {split: datasets.get_dataset(
-        cfg['dataset'], cfg['data_path'], split, train=split == 'train',
-        root=cfg.get('media_root'), cache=cfg['cache'],
-        cache_dir=cfg['cache_dir'], frame_jitter=cfg['frame_jitter'],
-        workers=max(1, cfg['num_workers']), seed=cfg['seed']) for split in splits}
+    """The splits of cfg['data_path'] (training items drawn at random)."""
+    return {split: datasets.get_dataset(cfg['dataset'], cfg['data_path'], split,
+                                        train=split == 'train', **dataset_options(cfg))
+            for split in splits}
 
 
 class DeviceLoader:
@@ -386,12 +406,25 @@ def setup(cfg, log):
 
 # ----------------------------------------------------------------------------- epochs
 
-def compute_loss(out, image, audio, emotion, variances, model, regularization, recon_loss):
+def class_criterion(dataset):
+    """The classification term the dataset selects: MSE between the logits and a
+    teacher's logits (EmoVoxCeleb, as released), else cross-entropy on class indices."""
+    return F.mse_loss if dataset in datasets.SOFT_LABELS else F.cross_entropy
+
+
+def class_targets(labels, dataset):
+    """(B,) class indices: the labels, or the arg-max of a teacher's logits (B, C)."""
+    return labels.argmax(1) if dataset in datasets.SOFT_LABELS else labels
+
+
+def compute_loss(out, image, audio, emotion, variances, model, regularization, recon_loss,
+                 criterion=F.cross_entropy):
     """Total loss and its parts (floats for logging) from a ModelOutput.
 
-    MSE(image recon) + MSE(audio recon) + CE + VQ losses (+ 1e-4 * sum(raw mask)
-    when regularization); with recon_loss 'mse/var' each MSE is divided by its
-    training variance (variances = (image, audio)). Missing parts are skipped.
+    MSE(image recon) + MSE(audio recon) + criterion(logits, emotion) + VQ losses
+    (+ 1e-4 * sum(raw mask) when regularization); with recon_loss 'mse/var' each
+    MSE is divided by its training variance (variances = (image, audio)). Missing
+    parts are skipped. criterion: class_criterion(dataset).
     """
     models.check_choice('recon_loss', recon_loss, RECON_LOSSES)
     scale = variances if recon_loss == 'mse/var' else (1.0, 1.0)
@@ -401,7 +434,7 @@ def compute_loss(out, image, audio, emotion, variances, model, regularization, r
     if out.recon_audio is not None:
         parts['recon_error2'] = F.mse_loss(out.recon_audio.float(), audio) / scale[1]
     if out.logits is not None:
-        parts['class_error'] = F.cross_entropy(out.logits.float(), emotion)
+        parts['class_error'] = criterion(out.logits.float(), emotion)
     if out.vq_loss is not None:
         parts['vq_loss'] = out.vq_loss.float()
     reg = model.mask_regularization() if regularization else None
@@ -416,7 +449,9 @@ def describe_loss(cfg):
     recon = ('MSE(image recon) + MSE(audio recon)' if cfg['recon_loss'] == 'mse' else
              'MSE(image recon)/var1 + MSE(audio recon)/var2')
     reg = f' + {REGULARIZATION_WEIGHT:g} * sum(mask)' if cfg['regularization'] else ''
-    return (f"Loss (recon_loss={cfg['recon_loss']!r}): {recon} + cross-entropy + VQ losses"
+    task = ('MSE(logits, teacher logits)' if cfg['dataset'] in datasets.SOFT_LABELS
+            else 'cross-entropy')
+    return (f"Loss (recon_loss={cfg['recon_loss']!r}): {recon} + {task} + VQ losses"
             f"{reg}; terms a model does not produce are skipped")
 
 
@@ -427,6 +462,7 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
     predictions is empty for models without logits.
     """
     training = optimizer is not None
+    criterion = class_criterion(cfg['dataset'])
     model.train(training)
     history, preds, targets = {}, [], []
     grad = nullcontext() if training else torch.no_grad()
@@ -436,7 +472,7 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
             with runtime.autocast():
                 out = model(image, audio)
             loss, parts = compute_loss(out, image, audio, emotion, variances, model,
-                                       cfg['regularization'], cfg['recon_loss'])
+                                       cfg['regularization'], cfg['recon_loss'], criterion)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -450,7 +486,7 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
                 history.setdefault(key, []).append(value.detach().float())
             if out.logits is not None:
                 preds.append(out.logits.argmax(1))
-                targets.append(emotion)
+                targets.append(class_targets(emotion, cfg['dataset']))
     history = {k: torch.stack(v).cpu().tolist() for k, v in history.items()}
     return history, _concat(preds), _concat(targets)
 
@@ -483,8 +519,8 @@ def evaluate(model, loader, runtime, variances, cfg, desc='test'):
         history, preds, targets = run_epoch(model, loader, runtime, variances, cfg, desc=desc)
     metrics = {k: float(np.mean(v)) for k, v in history.items()}
     if len(preds):
-        metrics.update(classification_metrics(preds, targets, datasets.NUM_CLASSES[
-            cfg['dataset']]))
+        names = datasets.CLASS_NAMES[cfg['dataset']]
+        metrics.update(classification_metrics(preds, targets, len(names), names))
     metrics['mask'] = model.mask_ratios()
     return metrics
 

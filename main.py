@@ -24,7 +24,7 @@ from read_variances import read_variances
 # config: edit here, or override with a config file / --key=value (values are type-checked)
 message = 'CM-VQVAE on CREMA-D'  # recorded at the top of the log
 timestamp = None            # None: train; 'YYYYmmdd-HHMMSS': evaluate results/<timestamp>
-dataset = 'CREMA-D'         # 'CREMA-D' ('RML', 'RML_feat', 'EmoVoxCeleb': not implemented yet)
+dataset = 'CREMA-D'         # 'CREMA-D', 'EmoVoxCeleb' ('RML', 'RML_feat': not implemented yet)
 pretrained = False          # RML only: start from a CREMA-D model's VQ-VAE modules
 mode = 'multimodal'         # 'multimodal', 'image-only', 'audio-only'
 base_type = 0               # 0 proposed; 1 no reconstruction, no mask; 2 no mask;
@@ -51,6 +51,7 @@ threshold = None            # None means 5e-3
 regularization = True       # adds 1e-4 * sum(mask) to the loss (True, False)
 recon_loss = 'mse'          # 'mse' (released code), 'mse/var' (divided by the training variance)
 modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch
+subsample = None            # EmoVoxCeleb only: None, or N: keep every ceil(len/N)-th item
 # additions to the paper's constants
 seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
 device = 'auto'             # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
@@ -145,7 +146,7 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
         threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']
         plots.plot_mask(run_dir, history['mask'], mask.cpu().numpy(), cfg['embedding_dim'],
                         threshold)
-    plots.plot_confusion(run_dir, test['confusion_matrix'], datasets.EMOTIONS)
+    plots.plot_confusion(run_dir, test['confusion_matrix'], datasets.CLASS_NAMES[cfg['dataset']])
     plots.plot_reconstructions(run_dir, arrays)
 
 

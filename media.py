@@ -205,6 +205,25 @@ def log_mel(audio, sample_rate=AUDIO_RATE):
     return fit_frames(librosa.power_to_db(spec)).astype(np.float32)
 
 
+def resized_log_mel(audio, sample_rate, size, **mel):
+    """Mono audio (N,) -> (size, size) float32: log-mel power in dB (librosa, ``mel``
+    its n_fft/hop_length/win_length/n_mels) stretched or squeezed to size x size
+    (bilinear, antialiased), as the released EmoVoxCeleb item resizes its log-mel."""
+    spec = librosa.feature.melspectrogram(y=np.asarray(audio, np.float32), sr=sample_rate, **mel)
+    db = Image.fromarray(librosa.power_to_db(spec).astype(np.float32))  # mode 'F'
+    return np.asarray(db.resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def read_jpeg(path, size):
+    """(size, size, 3) uint8 RGB of an image file, resized bilinearly; MediaError names
+    a missing or unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert('RGB').resize((size, size), Image.BILINEAR))
+    except OSError as e:
+        raise MediaError(f'cannot read image {path}: {e}') from e
+
+
 def fit_frames(spec, length=SPEC_FRAMES):
     """Centre-crop or reflect-pad the time axis (last) of ``spec`` to ``length``."""
     n = spec.shape[-1]

@@ -1,0 +1,219 @@
+"""Build EmoVoxCeleb split files: an EmoVoxCeleb-layout folder -> data_path/.
+
+    python read_emo.py [--root=DIR] [--data_path=DIR] [--seed=0] [--split_by=speaker] ...
+
+The input layout (one face track per key ``SPEAKER/VIDEO/TRACK``, VoxCeleb1's
+``id10001/1zcIwhmdeo4/00001``):
+
+    root/frames/KEY/000001.jpg ...   the track's face frames, numbered from 1
+    root/wav/KEY.wav                 its speech: 16 kHz mono 16-bit PCM
+    root/logits/KEY.npy              the teacher's logits per frame: (frames, 8)
+                                     float32, FER+ order (datasets.FERPLUS)
+
+Writes, for split in train / val / test (the seed's EmoVoxCelebDataset files):
+    {split}_image.pkl   per item: (frame folder, number of frames)
+    {split}_audio.pkl   per item: WAV path
+    {split}_labels.pkl  per video: the teacher's logits per frame, (frames, 8) float32
+    {split}_index.pkl   per item: its entry of {split}_labels.pkl
+    {split}_stats.txt   items and frames per teacher arg-max class
+and train_image_var.pkl / train_audio_var.pkl (variances of the training items'
+centre frames in [0, 1] and of their 256x256 log-mels) and split.json. Paths
+start with root as given (a relative root gives paths relative to the current
+directory). Here an item is one track and its "video" is that track's logits,
+so index is 0..n-1; the files keep the seed's indirection.
+
+split_by='track' splits the shuffled tracks in the proportions of split_sizes;
+'speaker' splits the shuffled speakers (no speaker in two splits). Every track is
+checked first (frames numbered 000001.jpg.. without gaps, one logits row per
+frame, 16 kHz WAV): a bad one stops the build naming its file, nothing written.
+"""
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import atomic
+import datasets
+import media
+from read_cremad import RunningVariance, split_counts
+
+# ----------------------------------------------------------------------------- config
+root = 'synth_emo/EmoVoxCeleb'  # EmoVoxCeleb-layout folder (frames/, wav/, logits/); the twin
+data_path = 'data_emo'          # output folder of the split files
+seed = 0                        # split seed
+split_by = 'track'              # 'track' (random) or 'speaker' (disjoint speakers)
+split_sizes = (8, 1, 1)         # train, val, test proportions
+overwrite = False               # True: replace the files of an existing data_path
+progress = True                 # progress bars
+# -----------------------------------------------------------------------------
+CHOICES = {'split_by': ('track', 'speaker')}
+SPLITS = ('train', 'val', 'test')
+
+
+# ----------------------------------------------------------------------------- layout
+
+def track_paths(root, key):
+    """(frame folder, WAV, logits file) of track ``key`` under ``root``."""
+    root = Path(root)
+    return root / 'frames' / key, root / 'wav' / f'{key}.wav', root / 'logits' / f'{key}.npy'
+
+
+def write_track(root, key, frames, audio, logits, quality=90):
+    """Write one track in the layout above (each file atomically).
+
+    frames: (T, H, W, 3) uint8 RGB face crops; audio: (N,) float in [-1, 1] at
+    16 kHz; logits: (T, 8) teacher logits, FER+ order.
+    """
+    from PIL import Image
+    folder, wav, npy = track_paths(root, key)
+    logits = np.asarray(logits, np.float32)
+    if logits.shape != (len(frames), len(datasets.FERPLUS)):
+        raise ValueError(f'{key}: logits {logits.shape} for {len(frames)} frames; expected '
+                         f'({len(frames)}, {len(datasets.FERPLUS)})')
+    for path in (folder, wav.parent, npy.parent):
+        path.mkdir(parents=True, exist_ok=True)
+    for k, frame in enumerate(frames):
+        atomic.write(folder / datasets.frame_name(k),
+                     lambda p, f=frame: Image.fromarray(f).save(p, 'JPEG', quality=quality))
+    atomic.write(wav, lambda p: media.write_wav(p, audio, datasets.EMO_RATE))
+    atomic.write(npy, lambda p: np.save(p, logits))
+
+
+def list_tracks(root):
+    """Sorted track keys of root: the WAVs under root/wav (a key per WAV)."""
+    wav_root = Path(root) / 'wav'
+    if not wav_root.is_dir():
+        raise FileNotFoundError(f'{wav_root} does not exist: root={str(root)!r} is not an '
+                                'EmoVoxCeleb-layout folder (frames/, wav/, logits/)')
+    keys = sorted(p.relative_to(wav_root).with_suffix('').as_posix()
+                  for p in wav_root.rglob('*.wav'))
+    if not keys:
+        raise FileNotFoundError(f'{wav_root} holds no WAV files')
+    return keys
+
+
+def check_track(root, key):
+    """(frame folder, number of frames, WAV, logits (T, 8)) of a well-formed track;
+    ValueError or MediaError naming the file of a malformed one."""
+    folder, wav, npy = track_paths(root, key)
+    names = sorted(p.name for p in folder.glob('*.jpg')) if folder.is_dir() else []
+    if not names:
+        raise ValueError(f'{folder}: no face frames (000001.jpg, ...)')
+    if names != [datasets.frame_name(k) for k in range(len(names))]:
+        raise ValueError(f'{folder}: frames must be numbered 000001.jpg..'
+                         f'{datasets.frame_name(len(names) - 1)} without gaps')
+    if not npy.is_file():
+        raise ValueError(f'{npy} does not exist (the teacher logits of {key})')
+    logits = np.load(npy)
+    if logits.shape != (len(names), len(datasets.FERPLUS)) or not np.isfinite(logits).all():
+        raise ValueError(f'{npy}: logits {logits.shape} must be finite and '
+                         f'({len(names)}, {len(datasets.FERPLUS)}): one row per frame')
+    _, rate = media.read_wav(wav)
+    if rate != datasets.EMO_RATE:
+        raise ValueError(f'{wav}: {rate} Hz; EmoVoxCeleb WAVs are {datasets.EMO_RATE} Hz')
+    return str(folder), len(names), str(wav), logits.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_splits(keys, *, seed=0, split_by='track', sizes=(8, 1, 1)):
+    """{split: keys}, a pure function of its arguments; 'speaker' keeps each speaker
+    (a key's first part) in one split."""
+    rng = np.random.default_rng(seed)
+    if split_by == 'track':
+        order = [keys[i] for i in rng.permutation(len(keys))]
+        bounds = np.cumsum(split_counts(len(order), sizes))[:-1]
+        return dict(zip(SPLITS, map(list, np.split(np.array(order, dtype=object), bounds)),
+                        strict=True))
+    if split_by != 'speaker':
+        raise ValueError(f"split_by={split_by!r} is not 'track' or 'speaker'")
+    speakers = sorted({k.split('/')[0] for k in keys})
+    if len(speakers) < 3:
+        raise ValueError(f"split_by='speaker' needs >= 3 speakers, got {len(speakers)}")
+    speakers = [speakers[i] for i in rng.permutation(len(speakers))]
+    bounds = np.cumsum(split_counts(len(speakers), sizes))[:-1]
+    owner = {s: k for k, group in enumerate(np.split(np.array(speakers), bounds)) for s in group}
+    return {split: [k for k in keys if owner[k.split('/')[0]] == n]
+            for n, split in enumerate(SPLITS)}
+
+
+def format_stats(tracks, split):
+    """Items (by the centre frame's teacher arg-max) and frames per FER+ class."""
+    items = Counter(int(t[3][media.centre_index(t[1])].argmax()) for t in tracks)
+    frames = Counter(int(c) for t in tracks for c in t[3].argmax(1))
+    lines = [f'{split}: {len(tracks)} tracks, {sum(frames.values())} frames; '
+             'teacher arg-max per class (centre frames | all frames):']
+    lines += [f'  {name:10s} {items[c]:6d} | {frames[c]:8d}'
+              for c, name in enumerate(datasets.FERPLUS)]
+    return '\n'.join(lines) + '\n'
+
+
+def compute_variances(tracks, progress=True):
+    """(image_var, audio_var) over the centre frames in [0, 1] and the 256x256 log-mels."""
+    image, audio = RunningVariance(), RunningVariance()
+    for folder, count, wav, _ in tqdm(tracks, desc='variances', unit='track',
+                                      disable=not progress):
+        face = media.read_jpeg(Path(folder) / datasets.frame_name(media.centre_index(count)),
+                               media.IMAGE_SIZE)
+        image.update(face / 255)
+        samples, rate = media.read_wav(wav)
+        audio.update(media.resized_log_mel(samples, rate, datasets.EMO_AUDIO_SIZE,
+                                           **datasets.EMO_MEL))
+    return float(image.variance), float(audio.variance)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
+                 overwrite=False, progress=True):
+    """Check every track of root, then write the split files into data_path; returns
+    the split.json record. Refuses (FileExistsError) a non-empty data_path unless
+    overwrite."""
+    out = Path(data_path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
+                              'pass overwrite=True (--overwrite=True) to replace its files')
+    root = os.path.normpath(root)
+    keys = list_tracks(root)
+    tracks = {k: check_track(root, k) for k in tqdm(keys, desc='check tracks', unit='track',
+                                                     disable=not progress)}
+    splits = plan_splits(keys, seed=seed, split_by=split_by, sizes=sizes)
+    image_var, audio_var = compute_variances([tracks[k] for k in splits['train']], progress)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, names in splits.items():
+        rows = [tracks[k] for k in names]
+        atomic.write_pickle(out / f'{split}_image.pkl', [(r[0], r[1]) for r in rows])
+        atomic.write_pickle(out / f'{split}_audio.pkl', [r[2] for r in rows])
+        atomic.write_pickle(out / f'{split}_labels.pkl', [r[3] for r in rows])
+        atomic.write_pickle(out / f'{split}_index.pkl', list(range(len(rows))))
+        atomic.write_bytes(out / f'{split}_stats.txt', format_stats(rows, split))
+    atomic.write_pickle(out / 'train_image_var.pkl', image_var)
+    atomic.write_pickle(out / 'train_audio_var.pkl', audio_var)
+    record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
+              'sizes': {s: len(v) for s, v in splits.items()}, 'root': root,
+              'root_abs': os.path.abspath(root), 'tracks': len(keys),
+              'image_var': image_var, 'audio_var': audio_var}
+    atomic.write_json(out / 'split.json', record)
+    return record
+
+
+def main():
+    from configurator import configure_or_exit
+    cfg = configure_or_exit(globals(), choices=CHOICES)
+    try:
+        record = build_splits(cfg['root'], cfg['data_path'], seed=cfg['seed'],
+                              split_by=cfg['split_by'], sizes=tuple(cfg['split_sizes']),
+                              overwrite=cfg['overwrite'], progress=cfg['progress'])
+    except (OSError, ValueError, media.MediaError) as e:
+        sys.exit(f'read_emo: {e}')
+    sizes = ', '.join(f'{s} {n}' for s, n in record['sizes'].items())
+    print(f'wrote {cfg["data_path"]}: {sizes} tracks ({cfg["split_by"]} split, '
+          f'seed {cfg["seed"]}); train image variance {record["image_var"]:.6g}, '
+          f'audio variance {record["audio_var"]:.6g}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,127 @@
+"""EmoVoxCeleb: the layout writer, read_emo.py's checks and splits, the item, the loss."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import datasets
+import experiment as ex
+import read_emo
+
+
+def _tree(root, speakers=3, videos=2, seed=0):
+    """A tiny EmoVoxCeleb-layout tree: frame k of a track is a flat grey of value
+    10 * k, its logits peak at class k % 8 (so an item's label names its frame)."""
+    rng = np.random.default_rng(seed)
+    for s in range(speakers):
+        for v in range(videos):
+            count = 6 + v
+            frames = np.zeros((count, 32, 32, 3), np.uint8)
+            frames[:] = (10 * np.arange(count))[:, None, None, None]
+            logits = np.eye(8, dtype=np.float32)[np.arange(count) % 8] * 5
+            read_emo.write_track(root, f'id1000{s}/video{v}/00001', frames,
+                                 rng.normal(0, 0.1, 8000), logits)
+    return root
+
+
+@pytest.fixture(scope='module')
+def emo(tmp_path_factory):
+    """(tree root, split folder) of 3 speakers x 2 tracks."""
+    base = tmp_path_factory.mktemp('emo')
+    root = _tree(base / 'EmoVoxCeleb')
+    read_emo.build_splits(root, base / 'data', split_by='speaker', progress=False)
+    return root, base / 'data'
+
+
+def test_split_files_follow_the_seed_format(emo):
+    root, data = emo
+    sizes = {}
+    speakers = {}
+    for split in read_emo.SPLITS:
+        lists = datasets.load_emo_split(data, split)
+        sizes[split] = len(lists['index'])
+        speakers[split] = {str(folder).split('frames/')[1].split('/')[0]
+                           for folder, _ in lists['image']}
+        for (_, count), video in zip(lists['image'], lists['index'], strict=True):
+            assert lists['labels'][video].shape == (count, 8)
+            assert sorted(p.name for p in (root / 'frames').rglob('*.jpg'))  # JPEG frames
+    assert sum(sizes.values()) == 6
+    assert not set.intersection(*speakers.values())  # split_by='speaker': disjoint speakers
+    with open(data / 'train_image_var.pkl', 'rb') as f:
+        assert 0 < pickle.load(f) < 1
+
+
+def test_item_shapes_and_label_of_the_drawn_frame(emo):
+    _, data = emo
+    train = datasets.EmoVoxCelebDataset(data, 'train', seed=0)
+    image, audio, logits = train[(3, 0)]
+    assert image.shape == (3, 128, 128) and audio.shape == (1, 256, 256)
+    assert logits.shape == (8,) and logits.dtype == torch.float32
+    k = train.frame(3, 0)
+    assert int(logits.argmax()) == k % 8                 # the drawn frame's logits
+    assert abs(float(image.mean()) * 255 - 10 * k) < 2   # and that frame's pixels
+    # training draws: a pure function of (seed, epoch, item), spread over the track
+    assert train.frame(3, 0) == datasets.EmoVoxCelebDataset(data, 'train').frame(3, 0)
+    assert len({train.frame(e, 0) for e in range(40)}) > 3
+    test = datasets.EmoVoxCelebDataset(data, 'test')
+    count = test.tracks[0][1]
+    assert {test.frame(e, 0) for e in range(5)} == {count // 2}  # evaluation: centre frame
+
+
+def test_subsample_keeps_every_ceil_nth_item(emo):
+    _, data = emo
+    full = datasets.EmoVoxCelebDataset(data, 'train')
+    assert list(datasets.subsample_items(10, 3)) == [0, 4, 8]
+    assert list(datasets.subsample_items(5, None)) == [0, 1, 2, 3, 4]
+    assert len(full) == 2
+    one = datasets.EmoVoxCelebDataset(data, 'train', subsample=1)  # step ceil(2 / 1) = 2
+    assert one.tracks == full.tracks[:1] and one.audio == full.audio[:1]
+
+
+def test_loss_is_mse_to_the_teacher_and_accuracy_uses_argmax():
+    logits, teacher = torch.randn(4, 8), torch.randn(4, 8)
+    assert ex.class_criterion('EmoVoxCeleb') is F.mse_loss
+    assert ex.class_criterion('CREMA-D') is F.cross_entropy
+    assert torch.equal(ex.class_targets(teacher, 'EmoVoxCeleb'), teacher.argmax(1))
+    out = type('Out', (), dict(recon_image=None, recon_audio=None, logits=logits,
+                               vq_loss=None))
+    model = type('M', (), dict(mask_regularization=lambda self: None))()
+    loss, parts = ex.compute_loss(out, None, None, teacher, (1, 1), model, False, 'mse',
+                                  ex.class_criterion('EmoVoxCeleb'))
+    assert torch.allclose(loss, F.mse_loss(logits, teacher))
+    assert datasets.CLASS_NAMES['EmoVoxCeleb'][:3] == ('neutral', 'happiness', 'surprise')
+    assert datasets.NUM_CLASSES['EmoVoxCeleb'] == 8
+
+
+def test_read_emo_refuses_malformed_tracks(tmp_path):
+    root = _tree(tmp_path / 'tree', speakers=1, videos=1)
+    frames = root / 'frames' / 'id10000' / 'video0' / '00001'
+    (frames / '000003.jpg').rename(frames / '000009.jpg')
+    with pytest.raises(ValueError, match='without gaps'):
+        read_emo.build_splits(root, tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists()  # checked before anything is written
+    (frames / '000009.jpg').rename(frames / '000003.jpg')
+    np.save(root / 'logits' / 'id10000' / 'video0' / '00001.npy', np.zeros((2, 8)))
+    with pytest.raises(ValueError, match='one row per frame'):
+        read_emo.build_splits(root, tmp_path / 'out', progress=False)
+    with pytest.raises(ValueError, match='logits'):
+        read_emo.write_track(root, 'x/y/z', np.zeros((3, 8, 8, 3), np.uint8), np.zeros(10),
+                             np.zeros((2, 8)))
+    with pytest.raises(FileNotFoundError, match='EmoVoxCeleb-layout'):
+        read_emo.list_tracks(tmp_path / 'nothing')
+
+
+def test_config_errors():
+    cfg = {**_cfg(), 'dataset': 'CREMA-D', 'subsample': 4}
+    with pytest.raises(ValueError, match='subsample applies to EmoVoxCeleb only'):
+        ex.check_config(cfg)
+    with pytest.raises(ValueError, match='data_on_gpu'):
+        ex.check_config({**_cfg(), 'data_on_gpu': True})
+    ex.check_config({**_cfg(), 'subsample': 4})
+
+
+def _cfg():
+    import main
+    return {**main.header(), 'dataset': 'EmoVoxCeleb', 'device': 'cpu'}
