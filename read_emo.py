@@ -169,9 +169,9 @@ def compute_variances(tracks, progress=True):
 
 def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
                  overwrite=False, progress=True):
-    """Check every track of root, then write the split files into data_path; returns
-    the split.json record. Refuses (FileExistsError) a non-empty data_path unless
-    overwrite."""
+    """Check every track of root, then write the split files into data_path as a whole
+    (atomic.write_folder); returns the split.json record. Refuses (FileExistsError)
+    a non-empty data_path unless overwrite."""
     out = Path(data_path)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
@@ -182,21 +182,23 @@ def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
                                                      disable=not progress)}
     splits = plan_splits(keys, seed=seed, split_by=split_by, sizes=sizes)
     image_var, audio_var = compute_variances([tracks[k] for k in splits['train']], progress)
-    out.mkdir(parents=True, exist_ok=True)
-    for split, names in splits.items():
-        rows = [tracks[k] for k in names]
-        atomic.write_pickle(out / f'{split}_image.pkl', [(r[0], r[1]) for r in rows])
-        atomic.write_pickle(out / f'{split}_audio.pkl', [r[2] for r in rows])
-        atomic.write_pickle(out / f'{split}_labels.pkl', [r[3] for r in rows])
-        atomic.write_pickle(out / f'{split}_index.pkl', list(range(len(rows))))
-        atomic.write_bytes(out / f'{split}_stats.txt', format_stats(rows, split))
-    atomic.write_pickle(out / 'train_image_var.pkl', image_var)
-    atomic.write_pickle(out / 'train_audio_var.pkl', audio_var)
     record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
               'sizes': {s: len(v) for s, v in splits.items()}, 'root': root,
               'root_abs': os.path.abspath(root), 'tracks': len(keys),
               'image_var': image_var, 'audio_var': audio_var}
-    atomic.write_json(out / 'split.json', record)
+
+    def fill(folder):
+        for split, names in splits.items():
+            rows = [tracks[k] for k in names]
+            atomic.write_pickle(folder / f'{split}_image.pkl', [(r[0], r[1]) for r in rows])
+            atomic.write_pickle(folder / f'{split}_audio.pkl', [r[2] for r in rows])
+            atomic.write_pickle(folder / f'{split}_labels.pkl', [r[3] for r in rows])
+            atomic.write_pickle(folder / f'{split}_index.pkl', list(range(len(rows))))
+            atomic.write_bytes(folder / f'{split}_stats.txt', format_stats(rows, split))
+        atomic.write_pickle(folder / 'train_image_var.pkl', image_var)
+        atomic.write_pickle(folder / 'train_audio_var.pkl', audio_var)
+        atomic.write_json(folder / 'split.json', record)
+    atomic.write_folder(out, fill, overwrite=overwrite)  # all new files or none
     return record
 
 
