@@ -125,3 +125,47 @@ def test_config_errors():
 def _cfg():
     import main
     return {**main.header(), 'dataset': 'EmoVoxCeleb', 'device': 'cpu'}
+
+
+# ---------------------------------------------------------------- the twin, end to end
+
+@pytest.fixture(scope='module')
+def emo_twin(tmp_path_factory):
+    """A tiny synthetic EmoVoxCeleb twin (3 speakers x 2 tracks) and its split folder."""
+    import synth_emo
+    base = tmp_path_factory.mktemp('emo_twin')
+    synth_emo.generate(base / 'EmoVoxCeleb', num_speakers=3, tracks_per_speaker=2,
+                       duration_scale=0.4, workers=1, progress=False)
+    read_emo.build_splits(base / 'EmoVoxCeleb', base / 'data', progress=False)
+    return base
+
+
+def test_twin_layout_and_teacher(emo_twin):
+    import synth
+    root = emo_twin / 'EmoVoxCeleb'
+    rows = synth.read_csv(root / 'ground_truth.csv')
+    assert len(rows) == 6 and rows[0]['name'] == 'id10001/video01/00001'
+    agree = []
+    for row in rows:
+        folder, count, wav, logits = read_emo.check_track(root, row['name'])
+        assert count == int(row['frames']) and logits.shape == (count, 8)
+        assert np.ptp(logits, axis=0).max() > 0                # the logits move per frame
+        agree.append((logits.argmax(1) == int(row['label'])).mean())
+    assert np.mean(agree) > 0.7  # the teacher mostly sees the rendered expression
+    from PIL import Image
+    with Image.open(root / 'frames' / rows[0]['name'] / '000001.jpg') as image:
+        assert image.size == (224, 224)
+
+
+def test_main_trains_and_tests_on_the_twin(emo_twin):
+    import main
+    test = main.main([f'--data_path={emo_twin / "data"}', '--dataset=EmoVoxCeleb',
+                      f'--results_dir={emo_twin / "results"}', '--num_epoch=1',
+                      '--num_hiddens=16', '--num_residual_hiddens=4', '--embedding_dim=8',
+                      '--num_embeddings=16', '--batch_size=4', '--num_workers=0'])
+    assert set(test['per_class_accuracy']) == set(datasets.FERPLUS)
+    assert test['num_samples'] == len(datasets.EmoVoxCelebDataset(emo_twin / 'data', 'test'))
+    run = next((emo_twin / 'results').iterdir())
+    log = (run / 'log.txt').read_text()
+    assert 'MSE(logits, teacher logits)' in log
+    assert (run / 'confusion_matrix.png').is_file()
