@@ -74,6 +74,7 @@ import experiment as ex
 import media
 import model as models
 from configurator import configure_or_exit, read_config_file
+from errors import run_script
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
@@ -829,4 +830,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -18,12 +18,14 @@ Nothing is applied until every argument has been checked.
 import ast
 import sys
 
+from errors import BadValueError, exit_with
+
 # Types a header constant may have; modules, functions and imports are not config.
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
-class ConfigError(ValueError):
-    """A bad override; the message says what is allowed."""
+class ConfigError(BadValueError):
+    """A bad override; the message says what is allowed (a UserError: one line)."""
 
 
 def config_keys(namespace):
@@ -120,8 +122,9 @@ def configure(defaults, argv=None, choices=None):
 
 
 def configure_or_exit(defaults, argv=None, choices=None):
-    """``configure`` for entry scripts: a bad override prints one line and exits with status 1."""
+    """``configure`` for entry scripts: a bad override prints one line and exits with status 1
+    (errors.run_script does the same for a ConfigError raised by ``configure``)."""
     try:
         return configure(defaults, argv, choices)
     except ConfigError as e:
-        sys.exit(f'config error: {e}')
+        exit_with(e)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import atomic
 import media
+from errors import BadValueError, MissingError
 
 CACHE_VERSION = 1
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -70,7 +71,7 @@ def parse_name(name):
         return (int(actor) - FIRST_ACTOR, SENTENCES.index(sentence),
                 EMOTIONS.index(emotion), LEVELS.index(level))
     except ValueError:
-        raise ValueError(f'{name!r} is not a CREMA-D clip name like 1001_DFA_ANG_XX') from None
+        raise BadValueError(f'{name!r} is not a CREMA-D clip name like 1001_DFA_ANG_XX') from None
 
 
 # ----------------------------------------------------------------------------- paths
@@ -79,8 +80,8 @@ def remap_path(path, root):
     """'<anything>/VideoFlash/NAME.flv' -> 'root/VideoFlash/NAME.flv'."""
     parts = Path(str(path).replace('\\', '/'))
     if parts.parent.name != 'VideoFlash':
-        raise ValueError(f'cannot remap {path!r} onto root={root!r}: '
-                         'expected a path ending in VideoFlash/NAME.flv')
+        raise BadValueError(f'cannot remap {path!r} onto media_root={root!r}: '
+                            'expected a path ending in VideoFlash/NAME.flv')
     return os.path.join(root, 'VideoFlash', parts.name)
 
 
@@ -94,8 +95,8 @@ def load_split(data_path, split):
     files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f'split config file {f} does not exist '
-                                    '(build it with read_cremad.py)')
+            raise MissingError(f'split config file {f} does not exist: build '
+                               f'{data_path} with read_cremad.py --data_path={data_path}')
     with open(files[0], 'rb') as f:
         paths = pickle.load(f)
     with open(files[1], 'rb') as f:
@@ -104,19 +105,20 @@ def load_split(data_path, split):
 
 
 def check_aligned(paths, labels, where=''):
-    """Raise ValueError unless labels (8 lists) match paths in length and name-derived labels."""
+    """Raise BadValueError unless labels (8 lists) match paths in length and name-derived
+    labels."""
     if len(labels) != len(LABEL_NAMES):
-        raise ValueError(f'{where}: expected {len(LABEL_NAMES)} label lists '
+        raise BadValueError(f'{where}: expected {len(LABEL_NAMES)} label lists '
                          f'({", ".join(LABEL_NAMES)}), got {len(labels)}')
     for name, values in zip(LABEL_NAMES, labels, strict=True):
         if len(values) != len(paths):
-            raise ValueError(f'{where}: {len(paths)} paths but {len(values)} {name} labels')
+            raise BadValueError(f'{where}: {len(paths)} paths but {len(values)} {name} labels')
     for i, path in enumerate(paths):
         # actor, sentence, emotion, level are also spelled in the file name
         got = tuple(labels[k][i] for k in (ACTOR, SENTENCE, EMOTION, LEVEL))
         if got != parse_name(path):
-            raise ValueError(f'{where}: labels of item {i} {got} (actor, sentence, emotion, '
-                             f'level) do not match its file name {path}')
+            raise BadValueError(f'{where}: labels of item {i} {got} (actor, sentence, emotion, '
+                                f'level) do not match its file name {path}')
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -167,14 +169,23 @@ def cache_params(frame_jitter=15, backend='pyav'):
 
 def fingerprint(paths, params):
     """sha1 of the resolved paths, their sizes and mtimes, and the parameters."""
+    check_clips_exist(paths)
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
     for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise media.MediaError(f'clip {path} is missing: {e.strerror}') from None
+        st = os.stat(path)
         h.update(f'{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
     return h.hexdigest()
+
+
+def check_clips_exist(paths, show=5):
+    """Raise MediaError saying how many of ``paths`` are missing and naming the first few."""
+    missing = [str(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        first = f'the first {show}' if len(missing) > show else 'they are'
+        raise media.MediaError(
+            f'{len(missing)} of {len(paths)} clips are missing ({first}: '
+            f'{", ".join(missing[:show])}); set media_root to your CREMA-D copy or rebuild '
+            'the split configs with read_cremad.py')
 
 
 def build_cache(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
@@ -268,7 +279,9 @@ class CREMADDataset(Dataset):
         self.train = split == 'train' if train is None else train
         self.frame_jitter, self.backend, self.seed = frame_jitter, backend, seed
         self.cache_path = None
-        if cache:
+        if not cache:
+            check_clips_exist(self.paths)  # build_cache checks them too
+        else:
             self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
                                           backend=backend, workers=workers, progress=progress)
         self._arrays = None  # opened lazily, per process (DataLoader workers)
@@ -478,4 +491,4 @@ def get_dataset(name, *args, **kwargs):
     if name in PLANNED:
         raise NotImplementedError(f'dataset {name!r} is not implemented yet '
                                   f'(implemented: {", ".join(DATASETS)})')
-    raise ValueError(f'unknown dataset {name!r}; known: {", ".join([*DATASETS, *PLANNED])}')
+    raise BadValueError(f'unknown dataset {name!r}; known: {", ".join([*DATASETS, *PLANNED])}')

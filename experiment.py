@@ -8,6 +8,7 @@ so a crash leaves a readable log and no half-written file.
 Index convention of the seed's file names: 1 = image, 2 = audio.
 """
 import platform
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from tqdm import tqdm
 import atomic
 import datasets
 import model as models
+from errors import BadValueError, MissingError
 from read_variances import read_variances
 
 REGULARIZATION_WEIGHT = 1e-4
@@ -36,6 +38,11 @@ TIMESTAMP_FORMAT = '%Y%m%d-%H%M%S'
 def _positive_int(v):
     """a positive int"""
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _optional_positive_int(v):
+    """None or a positive int"""
+    return v is None or _positive_int(v)
 
 
 def _non_negative_int(v):
@@ -118,8 +125,8 @@ CHOICES = {
     'data_on_gpu': (False, True),
     'frame_jitter': _non_negative_int,
     'twin_actors': _non_negative_int,
-    'num_epoch_vae': _positive_int,
-    'num_epoch_solver': _positive_int,
+    'num_epoch_vae': _optional_positive_int,
+    'num_epoch_solver': _optional_positive_int,
 }
 
 
@@ -185,21 +192,43 @@ def new_run_dir(results_dir):
             time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
-def find_run_dir(results_dir, timestamp):
-    """results_dir/timestamp, or an error listing the runs that exist."""
+# The checkpoints of a trained run, by the script that trains and evaluates it.
+CHECKPOINTS = {'main.py': ('model.pt',), 'main_separate.py': ('model_vae.pt', 'model_solver.pt')}
+
+
+def trained_by(run_dir):
+    """The script whose checkpoints run_dir holds (a key of CHECKPOINTS), or None:
+    a run that failed before saving one is not a trained run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / 'config.json').is_file():
+        return None
+    return next((script for script, files in CHECKPOINTS.items()
+                 if all((run_dir / f).is_file() for f in files)), None)
+
+
+def find_run_dir(results_dir, timestamp, script='main.py'):
+    """results_dir/timestamp if `script` trained it; otherwise a UserError saying which
+    script evaluates it, or listing the runs `script` can evaluate."""
     path = Path(results_dir) / timestamp
-    if (path / 'config.json').exists():
+    owner = trained_by(path)
+    if owner == script:
         return path
-    runs = sorted(p.name for p in Path(results_dir).glob('*') if (p / 'config.json').exists())
-    raise FileNotFoundError(f'no run {timestamp!r} in {results_dir}/; available: '
-                            f'{", ".join(runs) or "none"}')
+    if owner is not None:
+        raise BadValueError(f'run {timestamp!r} was trained by {owner}; evaluate it with '
+                            f'python3 {owner} --timestamp={timestamp} (same other arguments)')
+    runs = sorted(p.name for p in Path(results_dir).glob('*') if trained_by(p) == script)
+    why = 'has no checkpoint (it never trained)' if path.is_dir() else 'does not exist'
+    raise MissingError(f'run {str(path)!r} {why}; runs {script} can evaluate: '
+                       f'{", ".join(runs) or "none"}')
 
 
 class Log:
-    """Print and append to log.txt, flushed line by line; lines are numbered."""
+    """Print and append to log.txt, flushed line by line; lines are numbered, and an
+    appended re-evaluation continues the numbering of the lines already there."""
 
     def __init__(self, path):
-        self.path, self.count = Path(path), 0
+        self.path = Path(path)
+        self.count = _last_line_number(self.path)
         self.file = open(self.path, 'a', buffering=1)
 
     def __call__(self, msg=''):
@@ -212,6 +241,14 @@ class Log:
 
     def close(self):
         self.file.close()
+
+
+def _last_line_number(path):
+    """The number of the last '[NNNN] ' line of an existing log (0 if none)."""
+    if not path.is_file():
+        return 0
+    numbers = re.findall(r'^\[(\d+)\] ', path.read_text(errors='replace'), re.MULTILINE)
+    return int(numbers[-1]) if numbers else 0
 
 
 def versions():

@@ -17,7 +17,8 @@ import torch
 import datasets
 import experiment as ex
 import model as models
-from configurator import configure_or_exit
+from configurator import ConfigError, configure
+from errors import run_script
 from read_variances import read_variances
 
 # ------------------------------------------------------------------------------------------
@@ -81,12 +82,13 @@ def header():
 
 
 def resolve(defaults, argv):
-    """Overrides applied and checked; a bad value exits with a message, before any work."""
-    cfg = configure_or_exit(defaults, argv, ex.CHOICES)
+    """Overrides applied and checked, before any work; a bad value raises ConfigError
+    (a UserError: the scripts print it as one line)."""
+    cfg = configure(defaults, argv, ex.CHOICES)
     try:
         ex.check_config(cfg)
     except ValueError as e:
-        sys.exit(f'config error: {e}')
+        raise ConfigError(str(e)) from None
     return cfg
 
 
@@ -150,9 +152,10 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
     plots.plot_reconstructions(run_dir, arrays)
 
 
-def saved_config(cfg):
-    """The saved run's config with this machine's runtime settings."""
-    run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'])
+def saved_config(cfg, script='main.py'):
+    """The saved run's config with this machine's runtime settings; a run that `script`
+    did not train (or that never trained) is a UserError saying what to do."""
+    run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'], script)
     saved = json.loads((run_dir / 'config.json').read_text())
     # Runs saved before recon_loss existed trained with the variance-normalised loss.
     saved.setdefault('recon_loss', 'mse/var')
@@ -198,10 +201,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = resolve(header(), argv)
     if cfg['timestamp']:
-        try:
-            run_dir, cfg = saved_config(cfg)
-        except FileNotFoundError as e:
-            sys.exit(f'config error: {e}')
+        run_dir, cfg = saved_config(cfg)
         return evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
     prepare_data(cfg)
     run_dir, log = start_run(cfg, argv)
@@ -209,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

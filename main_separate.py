@@ -1,13 +1,15 @@
 """Two-stage CM-VQVAE: train the VQ-VAEs, then the TaskSolver on their frozen codes.
 
     python main_separate.py [config file] [--key=value ...]
+    python main_separate.py configs/demo.py     # the demo, 12 + 12 epochs
 
 Stage 1 trains both VQ-VAEs on reconstruction alone (best by validation loss,
 results/<timestamp>/model_vae.pt); stage 2 freezes them and trains the masked
 TaskSolver on their quantized maps (best by validation classification loss,
 model_solver.pt); then the test as in main.py. Every constant of main.py's header
-applies (base_type 0: masked solver, 2: unmasked); the two below are added.
-`timestamp` evaluates a saved two-stage run.
+applies (base_type 0: masked solver, 2: unmasked); the two below are added and
+default to num_epoch. `timestamp` evaluates a saved two-stage run (main.py
+evaluates one-stage runs; each script names the other for the other's runs).
 """
 import sys
 
@@ -17,11 +19,13 @@ from torch import nn
 import experiment as ex
 import main
 import model as models
+from configurator import ConfigError
+from errors import run_script
 
 # ------------------------------------------------------------------------------------------
 # config: main.py's header, plus
-num_epoch_vae = 50          # stage 1 epochs: VQ-VAEs on reconstruction (int > 0)
-num_epoch_solver = 50       # stage 2 epochs: TaskSolver on the frozen codes (int > 0)
+num_epoch_vae = None        # stage 1 epochs: VQ-VAEs on reconstruction (None: num_epoch)
+num_epoch_solver = None     # stage 2 epochs: TaskSolver on the frozen codes (None: num_epoch)
 # ------------------------------------------------------------------------------------------
 
 
@@ -102,19 +106,25 @@ def train(cfg, run_dir, log):
     return test
 
 
-def run(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def resolve(argv):
+    """main.py's header and the two stage lengths, checked; a stage length of None
+    follows num_epoch (so configs/demo.py's num_epoch sets both)."""
     defaults = {**main.header(), 'num_epoch_vae': num_epoch_vae,
                 'num_epoch_solver': num_epoch_solver}
     cfg = main.resolve(defaults, argv)
     if cfg['base_type'] not in (0, 2):
-        sys.exit(f"config error: base_type={cfg['base_type']!r} has no two-stage form; "
-                 f"allowed: 0 (masked solver), 2 (unmasked)")
+        raise ConfigError(f"base_type={cfg['base_type']!r} has no two-stage form; "
+                          f"allowed: 0 (masked solver), 2 (unmasked)")
+    for key in ('num_epoch_vae', 'num_epoch_solver'):
+        cfg[key] = cfg[key] or cfg['num_epoch']
+    return cfg
+
+
+def run(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = resolve(argv)
     if cfg['timestamp']:
-        try:
-            run_dir, cfg = main.saved_config(cfg)
-        except FileNotFoundError as e:
-            sys.exit(f'config error: {e}')
+        run_dir, cfg = main.saved_config(cfg, 'main_separate.py')
         return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'),
                                    load_two_stage)
     main.prepare_data(cfg)
@@ -123,4 +133,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-    run()
+    run_script(run)

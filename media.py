@@ -19,6 +19,8 @@ import librosa
 import numpy as np
 from PIL import Image
 
+from errors import UserError
+
 VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS = 480, 360, 30
 AUDIO_RATE = 44100           # FLV audio track
 WAV_RATE = 16000             # AudioWAV files
@@ -34,7 +36,7 @@ MEL = dict(n_fft=2048, win_length=512, hop_length=353, n_mels=256)
 SPEC_FRAMES = 256            # log-mel centre-cropped / reflect-padded to 256 frames
 
 
-class MediaError(RuntimeError):
+class MediaError(UserError, RuntimeError):
     """A clip that is missing or cannot be decoded; the message names the file."""
 
 

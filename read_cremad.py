@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import atomic
 import datasets
+from errors import BadValueError, ExistsError, MissingError, run_script
 
 # ----------------------------------------------------------------------------- config
 root = 'synth_cremad/CREMA-D'   # CREMA-D checkout (VideoFlash/, CSVs); default: the twin
@@ -52,7 +53,7 @@ SPLITS = ('train', 'val', 'test')
 
 def read_names(root):
     """Clip names listed in root/SentenceFilenames.csv, in file order."""
-    return list(pd.read_csv(Path(root) / 'SentenceFilenames.csv')['Filename'])
+    return list(_read_csv(Path(root) / 'SentenceFilenames.csv', 'Filename')['Filename'])
 
 
 def read_demographics(path):
@@ -60,8 +61,25 @@ def read_demographics(path):
     path = Path(path)
     if path.is_dir():
         path = path / 'VideoDemographics.csv'
-    table = pd.read_csv(path)
+    table = _read_csv(path, 'ActorID', 'Age', 'Sex', 'Race', 'Ethnicity')
     return {int(row['ActorID']): row for row in table.to_dict('records')}
+
+
+def _read_csv(path, *columns):
+    """A CREMA-D CSV as a DataFrame; a missing file or column is a UserError naming it."""
+    if not path.is_file():
+        where = path.parent
+        hint = ('it does not exist' if not where.exists() else
+                'it is empty' if where.is_dir() and not any(where.iterdir()) else
+                f'it holds no {path.name}')
+        raise MissingError(f'{path} is missing: root={str(where)!r} must be a CREMA-D checkout '
+                           f'({hint}); give --root=DIR or make a twin with synth_cremad.py')
+    table = pd.read_csv(path)
+    lacking = [c for c in columns if c not in table.columns]
+    if lacking:
+        raise BadValueError(f'{path} has no column {", ".join(map(repr, lacking))}; '
+                            f'expected the CREMA-D columns {", ".join(map(repr, columns))}')
+    return table
 
 
 def clip_labels(name, demographics):
@@ -69,7 +87,7 @@ def clip_labels(name, demographics):
     actor, sentence, emotion, level = datasets.parse_name(name)
     person = demographics.get(actor + datasets.FIRST_ACTOR)
     if person is None:
-        raise KeyError(f'actor of {name} is not in VideoDemographics.csv')
+        raise BadValueError(f'actor of {name} is not in VideoDemographics.csv')
     age = min(max(int(person['Age']) // 10 - 2, 0), len(datasets.AGES) - 1)
     return [actor, sentence, emotion, level, age, datasets.GENDERS.index(person['Sex']),
             datasets.RACES.index(person['Race']), datasets.ETHNICITIES.index(person['Ethnicity'])]
@@ -105,7 +123,7 @@ def plan_splits(names, demographics, *, seed=0, split_by='clip', sizes=(5954, 74
     names = sorted(set(names))
     unknown = sorted({n.split('_')[0] for n in names} - {str(a) for a in demographics})
     if unknown:
-        raise KeyError(f'actors {", ".join(unknown)} are not in VideoDemographics.csv')
+        raise BadValueError(f'actors {", ".join(unknown)} are not in VideoDemographics.csv')
     rng = np.random.default_rng(seed)
     order = [names[i] for i in rng.permutation(len(names))]
     if split_by == 'clip':
@@ -114,14 +132,15 @@ def plan_splits(names, demographics, *, seed=0, split_by='clip', sizes=(5954, 74
     elif split_by == 'actor':
         actors = sorted({n.split('_')[0] for n in names})
         if len(actors) < 3:
-            raise ValueError(f"split_by='actor' needs >= 3 actors, got {len(actors)}")
+            raise BadValueError(f"split_by='actor' needs >= 3 actors, got {len(actors)}; "
+                                "use split_by='clip'")
         actors = [actors[i] for i in rng.permutation(len(actors))]
         bounds = np.cumsum(split_counts(len(actors), sizes))
         owner = {a: k for k, group in enumerate(np.split(np.array(actors), bounds[:-1]))
                  for a in group}
         parts = [[n for n in order if owner[n.split('_')[0]] == k] for k in range(3)]
     else:
-        raise ValueError(f"split_by={split_by!r} is not 'clip' or 'actor'")
+        raise BadValueError(f"split_by={split_by!r} is not 'clip' or 'actor'")
     drop = set(drop)
     splits = {s: [n for n in part if n not in drop] for s, part in zip(SPLITS, parts, strict=True)}
     return splits, sorted(drop.intersection(names))
@@ -215,17 +234,24 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
                  cache_dir='cache', frame_jitter=15, backend='pyav', progress=True):
     """Write the split configs of the CREMA-D tree ``root`` into ``data_path``.
 
-    Refuses (FileExistsError) to write into a non-empty data_path unless
-    overwrite. Returns the split.json record.
+    Refuses (ExistsError, a FileExistsError) to write into a non-empty data_path
+    unless overwrite, and (MissingError) a root without the CSVs or without any
+    listed FLV. Returns the split.json record.
     """
     out = Path(data_path)
     atomic.remove_stale_temps(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:  # early; the rename decides
-        raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
-                              'pass overwrite=True (--overwrite=True) to replace its files')
+    if out.exists() and not out.is_dir():
+        raise ExistsError(f'data_path={str(out)!r} is a file; choose a folder for --data_path')
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExistsError(f'data_path={str(out)!r} already exists and is not empty; pass '
+                          '--overwrite=True to replace its files, or choose another --data_path')
     root = os.path.normpath(root)
     names = read_names(root)
     missing = sorted(n for n in set(names) if not _flv(root, n).is_file())
+    if names and len(missing) == len(set(names)):
+        raise MissingError(f'none of the {len(set(names))} clips listed in {root}/'
+                           f'SentenceFilenames.csv has an FLV in {root}/VideoFlash; fetch the '
+                           'media (git lfs pull) or give the right --root')
     demographics = read_demographics(root)
     splits, dropped = plan_splits(names, demographics, seed=seed, split_by=split_by,
                                   sizes=sizes, drop=set(faulty) | set(missing))
@@ -287,8 +313,8 @@ def _flv(root, name):
 
 
 def main():
-    from configurator import configure_or_exit
-    cfg = configure_or_exit(globals(), choices=CHOICES)
+    from configurator import configure
+    cfg = configure(globals(), choices=CHOICES)
     record = build_splits(
         cfg['root'], cfg['data_path'], seed=cfg['seed'], split_by=cfg['split_by'],
         sizes=tuple(cfg['split_sizes']), faulty=tuple(cfg['faulty']), overwrite=cfg['overwrite'],
@@ -303,4 +329,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main)

@@ -2,6 +2,8 @@
 import pickle
 from pathlib import Path
 
+from errors import MissingError
+
 FILES = ('train_image_var.pkl', 'train_audio_var.pkl')
 
 
@@ -15,8 +17,8 @@ def read_variances(data_path):
     for name in FILES:
         path = Path(data_path) / name
         if not path.is_file():
-            raise FileNotFoundError(f'{path} does not exist: build the split config with '
-                                    f'read_cremad.py (--data_path={data_path})')
+            raise MissingError(f'{path} does not exist: build the split config with '
+                               f'read_cremad.py --data_path={data_path}')
         with open(path, 'rb') as f:
             values.append(float(pickle.load(f)))
     return tuple(values)

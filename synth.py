@@ -36,6 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.signal import lfilter
 
+import errors
+
 FACE_CUES = ('brow_raise', 'brow_slant', 'eye_open', 'mouth_curve', 'mouth_width')
 FACE_JITTER = (0.25, 0.25, 0.25, 0.25, 0.25)
 VOICE_CUES = ('pitch_st', 'pitch_range', 'tempo', 'energy_db', 'tilt', 'tremor')
@@ -76,7 +78,7 @@ class Frame(NamedTuple):
     max_dx: int = 40
 
 
-class SynthError(ValueError):
+class SynthError(errors.BadValueError):
     """A bad argument or an output folder we must not touch; the message says why."""
 
 

@@ -49,7 +49,6 @@ the number of workers or the other clips rendered.
 """
 import csv
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -57,6 +56,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 import atomic
+import errors
 import media
 import synth
 from synth import SynthError, rng_for
@@ -364,19 +364,20 @@ def _listing(root):
         return [r['Filename'] for r in csv.DictReader(f)]
 
 
+def main():
+    from configurator import configure
+    cfg = configure(globals())
+    generate(cfg['root'], num_actors=cfg['num_actors'], seed=cfg['seed'], like=cfg['like'],
+             workers=cfg['workers'], nuisance=cfg['nuisance'], sentences=cfg['sentences'],
+             duration_scale=cfg['duration_scale'])
+    if cfg['measure']:
+        features = probe_features(cfg['root'], cfg['workers'] or os.cpu_count())
+        for split in ('clip', 'actor'):
+            scores = learnability(cfg['root'], split=split, features=features)
+            print(f'learnability (split by {split}): ' + ', '.join(
+                f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
+                for k, v in scores.items()))
+
+
 if __name__ == '__main__':
-    from configurator import configure_or_exit
-    cfg = configure_or_exit(globals())
-    try:
-        generate(cfg['root'], num_actors=cfg['num_actors'], seed=cfg['seed'], like=cfg['like'],
-                 workers=cfg['workers'], nuisance=cfg['nuisance'], sentences=cfg['sentences'],
-                 duration_scale=cfg['duration_scale'])
-        if cfg['measure']:
-            features = probe_features(cfg['root'], cfg['workers'] or os.cpu_count())
-            for split in ('clip', 'actor'):
-                scores = learnability(cfg['root'], split=split, features=features)
-                print(f'learnability (split by {split}): ' + ', '.join(
-                    f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
-                    for k, v in scores.items()))
-    except SynthError as e:
-        sys.exit(f'synth_cremad: {e}')
+    errors.run_script(main)

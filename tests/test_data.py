@@ -397,11 +397,26 @@ def test_corrupt_clip_is_named(twin, tmp_path):
 def test_missing_clip_is_named(twin, tmp_path):
     folder = twin_config(twin, tmp_path / 'config', ['1001_DFA_ANG_XX'])
     missing = str(tmp_path / 'elsewhere' / 'VideoFlash' / '1001_DFA_ANG_XX.flv')
-    with pytest.raises(media.MediaError, match=missing):
-        datasets.CREMADDataset(folder, 'test', root=tmp_path / 'elsewhere', cache_dir=tmp_path)
-    ds = datasets.CREMADDataset(folder, 'test', root=tmp_path / 'elsewhere', cache=False)
+    for cache in (True, False):
+        with pytest.raises(media.MediaError, match=f'1 of 1 clips are missing.*{missing}'):
+            datasets.CREMADDataset(folder, 'test', root=tmp_path / 'elsewhere', cache=cache,
+                                   cache_dir=tmp_path)
+    ds = datasets.CREMADDataset(folder, 'test', cache=False)
+    ds.paths[0] = missing  # vanished after the dataset was made: named when read
     with pytest.raises(media.MediaError, match=missing):
         ds[0]
+
+
+def test_missing_clips_are_counted_and_the_first_listed(tmp_path):
+    paths = [str(tmp_path / 'VideoFlash' / f'1001_DFA_{e}_XX.flv') for e in datasets.EMOTIONS]
+    Path(paths[2]).parent.mkdir()
+    Path(paths[2]).write_bytes(b'')
+    with pytest.raises(media.MediaError) as error:
+        datasets.check_clips_exist(paths, show=3)
+    message = str(error.value)
+    assert message.startswith('5 of 6 clips are missing (the first 3: ')
+    assert all(p in message for p in paths[:2] + paths[3:4])
+    assert paths[2] not in message and paths[4] not in message and '\n' not in message
 
 
 def test_build_splits_drops_missing_and_faulty(twin, tmp_path):

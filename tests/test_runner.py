@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import errors
 import main
 import main_separate
 import read_cremad
@@ -110,7 +111,7 @@ def test_evaluating_the_timestamp_reproduces_the_test(run, workdir):
 
 def test_unknown_timestamp_lists_available_runs(run, workdir):
     run_dir, _ = run
-    with pytest.raises(SystemExit, match=run_dir.name):
+    with pytest.raises(errors.UserError, match=run_dir.name):
         main.main(args(workdir, '--timestamp=20000101-000000'))
 
 
@@ -139,13 +140,50 @@ def test_invalid_override_exits_and_writes_nothing(tmp_path, bad, message):
     assert not (tmp_path / 'results').exists()
 
 
-def test_two_stage_end_to_end(workdir):
+def test_reevaluations_continue_the_log_numbering(run, workdir):
+    run_dir, _ = run
+    main.main(args(workdir, f'--timestamp={run_dir.name}'))
+    lines = (run_dir / 'log.txt').read_text().splitlines()
+    assert sum('Evaluation of the saved model' in line for line in lines) >= 1
+    assert [line[:6] for line in lines] == [f'[{n:04d}]' for n in range(1, len(lines) + 1)]
+
+
+def test_two_stage_end_to_end(run, workdir):
     test = main_separate.run(args(workdir, '--num_epoch_vae=1', '--num_epoch_solver=1'))
     run_dir = newest_run(workdir)
     assert (run_dir / 'model_vae.pt').is_file() and (run_dir / 'model_solver.pt').is_file()
     assert (run_dir / 'metrics.json').is_file() and test['num_samples'] == 7
     again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}'))
     assert again['confusion_matrix'] == test['confusion_matrix']
+    # Each script evaluates its own runs and names the other for the other's, before
+    # touching the run's log.
+    log = (run_dir / 'log.txt').read_text()
+    with pytest.raises(errors.UserError, match='trained by main_separate.py; evaluate it '
+                       f'with python3 main_separate.py --timestamp={run_dir.name}'):
+        main.main(args(workdir, f'--timestamp={run_dir.name}'))
+    assert (run_dir / 'log.txt').read_text() == log
+    with pytest.raises(errors.UserError, match='trained by main.py'):
+        main_separate.run(args(workdir, f'--timestamp={run[0].name}'))
+
+
+def test_runs_that_never_trained_are_not_offered(run, workdir):
+    stub = workdir / 'results' / '20000101-000000'  # a run that failed before its checkpoint
+    stub.mkdir()
+    (stub / 'config.json').write_text('{}')
+    with pytest.raises(errors.UserError, match='no checkpoint') as error:
+        main.main(args(workdir, f'--timestamp={stub.name}'))
+    available = str(error.value).split('can evaluate: ')[1]
+    assert run[0].name in available and stub.name not in available
+    stub.joinpath('config.json').unlink()
+    stub.rmdir()
+
+
+def test_two_stage_epochs_follow_num_epoch_unless_set():
+    cfg = main_separate.resolve([str(REPO / 'configs' / 'demo.py')])
+    assert cfg['num_epoch'] == 12 and cfg['num_epoch_vae'] == cfg['num_epoch_solver'] == 12
+    cfg = main_separate.resolve([str(REPO / 'configs' / 'demo.py'), '--num_epoch_vae=3'])
+    assert (cfg['num_epoch_vae'], cfg['num_epoch_solver']) == (3, 12)
+    assert main_separate.resolve([])['num_epoch_solver'] == main.num_epoch
 
 
 def test_device_loader_matches_the_dataset(workdir):
