@@ -142,7 +142,7 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
     ex.save_json(run_dir / 'metrics.json', {'test': test, 'best_epoch': best_epoch,
                                             'epoch_seconds': history['epoch_seconds']})
     plots.plot_curves(run_dir, history)
-    plots.plot_recon_perplexity(run_dir, history)
+    plots.plot_recon_perplexity(run_dir, history, cfg['recon_loss'])
     mask = net.get_mask()
     if mask is not None:
         threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']

@@ -57,13 +57,17 @@ def plot_curves(run_dir, history):
     _save(fig, Path(run_dir) / 'curves.png')
 
 
-def plot_recon_perplexity(run_dir, history):
-    """recon_perplexity.png: reconstruction error and codebook perplexity per modality."""
+def plot_recon_perplexity(run_dir, history, recon_loss='mse'):
+    """recon_perplexity.png: reconstruction error and codebook perplexity per modality.
+
+    recon_loss: the run's setting ('mse' or 'mse/var'), which names the left y-axis."""
     train, val = history['train'], history['val']
     epochs = np.arange(1, len(history['epoch_seconds']) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, base, title in ((axes[0], 'recon_error', 'reconstruction error (MSE / var)'),
-                            (axes[1], 'perplexity', 'codebook perplexity')):
+    recon_unit = 'MSE / training variance' if recon_loss == 'mse/var' else 'MSE'
+    for ax, base, title, ylabel in (
+            (axes[0], 'recon_error', 'reconstruction error', recon_unit),
+            (axes[1], 'perplexity', 'codebook perplexity', 'perplexity (codes in use)')):
         for k, name in ((1, 'image'), (2, 'audio')):
             key = f'{base}{k}'
             if key in train:
@@ -71,7 +75,7 @@ def plot_recon_perplexity(run_dir, history):
                 ax.plot(_per_epoch(smooth, len(epochs)), smooth, label=f'train {name}')
             if key in val:
                 ax.plot(epochs, val[key], 'o-', label=f'val {name}')
-        ax.set(xlabel='epoch', title=title)
+        ax.set(xlabel='epoch', ylabel=ylabel, title=title)
         if ax.lines:
             ax.legend()
     axes[0].set_yscale('log') if axes[0].lines else None
@@ -85,10 +89,13 @@ def plot_mask(run_dir, mask_history, raw_mask, embedding_dim, threshold=None):
     ratios = [m for m in mask_history if m]
     if ratios:
         epochs = np.arange(1, len(ratios) + 1)
-        for key in ('shared1', 'shared2', 'complementarity'):
-            axes[0].plot(epochs, [m[key] for m in ratios], 'o-', label=key)
-        axes[0].set(xlabel='epoch', ylabel='%', title='mask ratios (1 image, 2 audio)')
-        axes[0].legend()
+        # colour = modality, line style = kind; the four % add up to 100
+        for key, style in (('shared1', 'o-C0'), ('private1', 'o--C0'), ('shared2', 's-C1'),
+                           ('private2', 's--C1'), ('complementarity', '^:C7')):
+            axes[0].plot(epochs, [m[key] for m in ratios], style, label=key)
+        axes[0].set(xlabel='epoch', ylabel='% of all latent channels',
+                    title='mask ratios (1 image, 2 audio)')
+        axes[0].legend(fontsize=8)
     if raw_mask is not None:
         raw = np.asarray(raw_mask).reshape(-1)
         colours = ['tab:blue'] * embedding_dim + ['tab:orange'] * (len(raw) - embedding_dim)
@@ -115,17 +122,23 @@ def plot_confusion(run_dir, confusion, names, name='confusion_matrix.png'):
     _save(fig, Path(run_dir) / name)
 
 
-def plot_reconstructions(run_dir, arrays):
-    """reconstructions.png: original vs reconstructed face frames and log-mels.
+def plot_reconstructions(run_dir, arrays, num=8):
+    """reconstructions.png: original vs reconstructed face frames and log-mels of the
+    first `num` items.
 
     arrays: {1: (images (N, 3, H, W), recon or None), 2: (specs (N, 1, F, T), recon or None)}
+    The top mel bands of CREMA-D-like audio hold no energy (the FLVs' MP3 encoder
+    low-passes it: ~11 kHz at the twin's 64 kbit/s), so they sit at the log-mel's
+    dB floor and would draw as a black band; only the bands below are drawn.
     """
     images, recon_images = arrays[1]
     specs, recon_specs = arrays[2]
-    n = min(len(images), 6)
+    n = min(len(images), num)
+    bands = audible_bands(specs[:n])
     fig, axes = plt.subplots(4, n, figsize=(2 * n, 8), squeeze=False)
     rows = ((images, 'frame'), (recon_images, 'recon frame'),
-            (specs, 'log-mel'), (recon_specs, 'recon log-mel'))
+            (specs, f'log-mel (the {specs.shape[2] - bands} silent top bands not drawn)'),
+            (recon_specs, 'recon log-mel'))
     for r, (data, title) in enumerate(rows):
         for i in range(n):
             ax = axes[r, i]
@@ -135,8 +148,16 @@ def plot_reconstructions(run_dir, arrays):
             if data.shape[1] == 3:
                 ax.imshow(np.clip(data[i].transpose(1, 2, 0), 0, 1))
             else:
-                ax.imshow(data[i, 0], origin='lower', aspect='auto', cmap='magma',
+                ax.imshow(data[i, 0, :bands], origin='lower', aspect='auto', cmap='magma',
                           vmin=specs[i].min(), vmax=specs[i].max())
             if i == 0:
                 ax.set_title(title, fontsize=9, loc='left')
     _save(fig, Path(run_dir) / 'reconstructions.png')
+
+
+def audible_bands(specs):
+    """Number of low mel bands of specs (N, 1, F, T) that rise above each item's dB
+    floor (its minimum) somewhere; the bands above are silent in every item."""
+    floor = specs.min(axis=(1, 2, 3), keepdims=True)
+    loud = (specs > floor + 1e-3).any(axis=(0, 1, 3))            # (F,)
+    return int(np.flatnonzero(loud)[-1]) + 1 if loud.any() else specs.shape[2]
