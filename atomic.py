@@ -71,14 +71,15 @@ def temp_folder(target):
     return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
 
 
-def remove_stale_temps(target, say=print):
-    """Remove the temporary folders of ``target`` left by dead processes of this host;
-    say one line per folder removed. Returns the removed paths."""
-    target = Path(target)
-    prefix = f'.{target.name}.tmp-{socket.gethostname()}-'
+def remove_stale_temps(parent, name=None, say=print):
+    """Remove the temporary folders in ``parent`` (of target ``name``; None: of any
+    target) left by dead processes of this host; say one line per folder removed.
+    Returns the removed paths."""
+    marker = f'.tmp-{socket.gethostname()}-'
+    pattern = f'.{glob.escape(name) if name else "*"}{glob.escape(marker)}*'
     removed = []
-    for path in sorted(target.parent.glob(f'{glob.escape(prefix)}*')):
-        pid = path.name[len(prefix):].split('-')[0]
+    for path in sorted(Path(parent).glob(pattern)):
+        pid = path.name.rsplit(marker, 1)[1].split('-')[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             say(f'removed {path}: temporary folder of a killed process (pid {pid})')

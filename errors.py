@@ -30,6 +30,10 @@ class ExistsError(UserError, FileExistsError):
     """An output the user asked for already exists and must not be overwritten."""
 
 
+class NoSpaceError(UserError, OSError):
+    """Not enough free disk space for an output (e.g. the decode-once cache)."""
+
+
 class BadValueError(UserError, ValueError):
     """A value outside what is allowed (a setting, a split file's contents)."""
 

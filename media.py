@@ -36,8 +36,23 @@ MEL = dict(n_fft=2048, win_length=512, hop_length=353, n_mels=256)
 SPEC_FRAMES = 256            # log-mel centre-cropped / reflect-padded to 256 frames
 
 
+# A clip is rejected (MediaError) when it is shorter than this, or when it decodes
+# to fewer than this fraction of the frames its container's duration promises
+# (a truncated file keeps its header's duration: 13 of ~31 frames).
+MIN_SECONDS = 0.5
+MIN_FRAME_FRACTION = 0.8
+
+
 class MediaError(UserError, RuntimeError):
-    """A clip that is missing or cannot be decoded; the message names the file."""
+    """A clip that is missing, cannot be decoded, or fails a check: the clip's
+    ``path`` and the ``reason`` (one line): MediaError(path, reason), str() 'path:
+    reason'; or MediaError(message) (path None) for several clips."""
+
+    def __init__(self, path, reason=None):
+        if reason is None:  # MediaError(message): several clips, or no single path
+            path, reason = None, path
+        super().__init__(reason if path is None else f'{path}: {reason}')
+        self.path, self.reason = path, reason
 
 
 # ----------------------------------------------------------------------------- writing
@@ -113,15 +128,15 @@ def read_wav(path):
     try:
         with wave.open(str(path), 'rb') as w:
             if w.getsampwidth() != 2:
-                raise MediaError(f'{path}: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit')
+                raise MediaError(path, f'expected 16-bit PCM, got {8 * w.getsampwidth()}-bit')
             pcm = np.frombuffer(w.readframes(w.getnframes()), '<i2')
             pcm = pcm.reshape(-1, w.getnchannels()).mean(axis=1)
             return (pcm / 32768).astype(np.float32), w.getframerate()
     except (OSError, EOFError, wave.Error) as e:
-        raise MediaError(f'cannot read WAV {path}: {e}') from e
+        raise MediaError(path, f'cannot read WAV: {e}') from e
 
 
-def read_flv(path, backend='pyav', pick=None):
+def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS):
     """Decode a clip (FLV, AVI or any container FFmpeg reads): (frames (T, H, W, 3)
     uint8 RGB, audio (C, N) float32 in [-1, 1], fps, rate).
 
@@ -129,20 +144,57 @@ def read_flv(path, backend='pyav', pick=None):
     pick: optional function num_frames -> frame indices; only those frames are
     returned, in that order (T = len(indices)). PyAV then converts just them to
     RGB, which is most of its decoding time.
+    Raises MediaError (path, reason) for a clip that cannot be decoded, has no
+    audio stream, is truncated (see MIN_FRAME_FRACTION), is shorter than
+    min_seconds, or whose frames are not size=(width, height) when given.
     """
     readers = {'pyav': _read_pyav, 'moviepy': _read_moviepy}
     if backend not in readers:
         raise ValueError(f'backend={backend!r} is not one of {", ".join(map(repr, readers))}')
     pick = pick or (lambda n: range(n))
     try:
+        info = probe(path)
+        check_clip(path, info, size, min_seconds)
         frames, audio, fps, rate = readers[backend](str(path), pick)
     except MediaError:
         raise
     except Exception as e:  # decoders raise many types; the caller needs the file name
-        raise MediaError(f'cannot decode {path}: {type(e).__name__}: {e}') from e
+        raise MediaError(path, f'cannot decode: {type(e).__name__}: {e}') from e
     if len(frames) == 0 or audio.shape[-1] == 0:
-        raise MediaError(f'cannot decode {path}: no video frames or no audio samples')
+        raise MediaError(path, 'cannot decode: no video frames or no audio samples')
     return frames, audio, fps, rate
+
+
+def probe(path):
+    """Container facts without decoding (~1 ms): {'duration' (s, from the header),
+    'fps', 'width', 'height', 'audio' (has an audio stream), 'frames' (video packets,
+    one per frame: a truncated file has fewer than its duration promises)}."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise MediaError(path, 'no video stream')
+        video = container.streams.video[0]
+        info = {'duration': (container.duration or 0) / av.time_base,
+                'fps': float(video.average_rate or VIDEO_FPS), 'width': video.width,
+                'height': video.height, 'audio': bool(container.streams.audio)}
+        info['frames'] = sum(p.size > 0 for p in container.demux(video))
+    return info
+
+
+def check_clip(path, info, size=None, min_seconds=MIN_SECONDS):
+    """Raise MediaError naming the first failed check of a probed/decoded clip."""
+    if not info['audio']:
+        raise MediaError(path, 'no audio stream')
+    if size is not None and (info['width'], info['height']) != tuple(size):
+        raise MediaError(path, f'frame size {info["width"]}x{info["height"]}, '
+                               f'expected {size[0]}x{size[1]}')
+    promised = info['duration'] * info['fps']
+    if info['frames'] < MIN_FRAME_FRACTION * promised:
+        raise MediaError(path, f'truncated: {info["frames"]} frames, but its container '
+                               f'promises {info["duration"]:.2f} s ({promised:.0f} frames)')
+    seconds = info['frames'] / info['fps']
+    if seconds < min_seconds:
+        raise MediaError(path, f'too short: {seconds:.2f} s ({info["frames"]} frames), '
+                               f'minimum {min_seconds} s')
 
 
 def _read_pyav(path, pick):

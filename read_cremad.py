@@ -20,6 +20,7 @@ faulty clips and clips with no FLV are dropped from both paths and labels.
 """
 import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tqdm import tqdm
 import atomic
 import datasets
 from errors import BadValueError, ExistsError, MissingError, run_script
+import media
 
 # ----------------------------------------------------------------------------- config
 root = 'synth_cremad/CREMA-D'   # CREMA-D checkout (VideoFlash/, CSVs); default: the twin
@@ -189,41 +191,78 @@ class RunningVariance:
 
 
 def compute_variances(paths, *, cache=True, cache_dir='cache', frame_jitter=15, backend='pyav',
-                      workers=datasets.DEFAULT_WORKERS, progress=True, chunk=64):
+                      workers=datasets.DEFAULT_WORKERS, progress=True):
     """(image_var, audio_var): variance over all pixels in [0, 1] of the evaluation
-    (centre) face crops and over all log-mel values of the clips at ``paths``."""
+    (centre) face crops and over all log-mel values of the clips at ``paths``.
+    A clip that fails (MediaError) stops it; validate_splits drops such clips."""
+    kept, bad, variances = validate_splits(
+        {'train': paths}, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter,
+        backend=backend, workers=workers, progress=progress)
+    if bad:
+        raise media.MediaError(datasets.describe_bad(bad, len(paths)))
+    return variances
+
+
+def validate_splits(paths, *, cache=True, cache_dir='cache', frame_jitter=15, backend='pyav',
+                    workers=datasets.DEFAULT_WORKERS, progress=True):
+    """Decode every clip of every split once and measure the training variances.
+
+    paths: {split: clip paths}. Returns ({split: kept paths}, {path: reason} of the
+    clips that are missing, undecodable or fail media.check_clip, (image_var,
+    audio_var) of the kept 'train' clips). cache: through the decode-once caches
+    that training reuses; else only the centre frames are decoded.
+    """
+    if cache:
+        kept, bad = {}, {}
+        for split, split_paths in paths.items():
+            kept[split], dropped, folder = datasets.build_cache_dropping(
+                split_paths, cache_dir, frame_jitter=frame_jitter, backend=backend,
+                workers=workers, progress=progress)
+            bad.update(dropped)
+            if split == 'train':
+                variances = _cache_variances(folder, frame_jitter, progress)
+        return kept, bad, variances
+    image, audio, bad = RunningVariance(), RunningVariance(), {}
+    jobs = [(s, p) for s, split_paths in paths.items() for p in split_paths]
+    items = _decode_centres([p for _, p in jobs], backend, workers)
+    for (split, path), item in tqdm(zip(jobs, items, strict=True), total=len(jobs),
+                                    desc='decode centres', unit='clip', disable=not progress):
+        if isinstance(item, str):
+            bad[path] = item
+        elif split == 'train':
+            image.update(item[0] / 255)
+            audio.update(item[1])
+    kept = {s: [p for p in split_paths if p not in bad] for s, split_paths in paths.items()}
+    return kept, bad, (float(image.variance), float(audio.variance))
+
+
+def _cache_variances(folder, frame_jitter, progress, chunk=64):
+    frames = np.load(folder / 'frames.npy', mmap_mode='r')  # (N, W, 128, 128, 3)
+    specs = np.load(folder / 'specs.npy', mmap_mode='r')    # (N, 256, 256)
     image, audio = RunningVariance(), RunningVariance()
-    if cache:  # decode each clip once, into the cache training will reuse
-        folder = datasets.build_cache(paths, cache_dir, frame_jitter=frame_jitter,
-                                      backend=backend, workers=workers, progress=progress)
-        frames = np.load(folder / 'frames.npy', mmap_mode='r')  # (N, W, 128, 128, 3)
-        specs = np.load(folder / 'specs.npy', mmap_mode='r')    # (N, 256, 256)
-        for start in tqdm(range(0, len(paths), chunk), desc='variances', disable=not progress):
-            image.update(frames[start:start + chunk, frame_jitter] / 255)
-            audio.update(specs[start:start + chunk])
-    else:
-        items = _decode_centres(paths, backend, workers)
-        for face, spec in tqdm(items, total=len(paths), desc='variances', unit='clip',
-                               disable=not progress):
-            image.update(face / 255)
-            audio.update(spec)
+    for start in tqdm(range(0, len(frames), chunk), desc='variances', disable=not progress):
+        image.update(frames[start:start + chunk, frame_jitter] / 255)
+        audio.update(specs[start:start + chunk])
     return float(image.variance), float(audio.variance)
 
 
 def _decode_centres(paths, backend, workers):
-    """Yield (centre face crop (128, 128, 3) uint8, log-mel (256, 256)) per clip, in order."""
+    """Yield (centre face crop (128, 128, 3) uint8, log-mel (256, 256)) per clip, in
+    order, or the reason (a str) it cannot be used."""
     jobs = [(p, backend) for p in paths]
     if workers <= 1:
         yield from map(_decode_centre, jobs)
         return
-    import multiprocessing
-    with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap(_decode_centre, jobs, chunksize=4)
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_decode_centre, jobs, chunksize=4)
 
 
 def _decode_centre(job):
     path, backend = job
-    faces, spec = datasets.decode_clip(path, 0, backend)
+    try:
+        faces, spec = datasets.decode_clip(path, 0, backend)
+    except media.MediaError as e:
+        return e.reason
     return faces[0], spec
 
 
@@ -239,7 +278,7 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
     listed FLV. Returns the split.json record.
     """
     out = Path(data_path)
-    atomic.remove_stale_temps(out)
+    atomic.remove_stale_temps(out.parent, out.name)
     if out.exists() and not out.is_dir():
         raise ExistsError(f'data_path={str(out)!r} is a file; choose a folder for --data_path')
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -256,20 +295,39 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=(5954, 744, 
     splits, dropped = plan_splits(names, demographics, seed=seed, split_by=split_by,
                                   sizes=sizes, drop=set(faulty) | set(missing))
     paths = {s: [str(_flv(root, n)) for n in splits[s]] for s in SPLITS}
-    image_var, audio_var = compute_variances(
-        paths['train'], cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter,
+    check_usable(root, paths, None, len(set(names)), len(missing), 0)
+    paths, bad, (image_var, audio_var) = validate_splits(
+        paths, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter,
         backend=backend, workers=workers, progress=progress)
+    bad = {Path(p).stem: reason for p, reason in bad.items()}
+    splits = {s: [n for n in splits[s] if n not in bad] for s in SPLITS}
+    check_usable(root, paths, (image_var, audio_var), len(set(names)), len(missing), len(bad))
     record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
               'sizes': {s: len(paths[s]) for s in SPLITS}, 'root': root,
               'root_abs': os.path.abspath(root), 'listed': len(set(names)),
               'dropped': {'faulty': [n for n in dropped if n in set(faulty)],
-                          'missing': [n for n in dropped if n not in set(faulty)]},
+                          'missing': [n for n in dropped if n not in set(faulty)],
+                          'bad': dict(sorted(bad.items()))},
               'image_var': image_var, 'audio_var': audio_var}
     labels = {s: encode_labels(splits[s], demographics) for s in SPLITS}
     write_split_folder(out, {s: (paths[s], labels[s], format_stats(labels[s], s))
                              for s in SPLITS},
                        (image_var, audio_var), record, overwrite=overwrite)
     return record
+
+
+def check_usable(root, paths, variances, listed, missing, bad):
+    """Raise MissingError unless every split has clips and both variances (unless None)
+    are finite and > 0."""
+    empty = [s for s, split_paths in paths.items() if not split_paths]
+    if empty:
+        raise MissingError(f'no usable clips for split(s) {", ".join(empty)} under {root}: '
+                         f'{listed} listed in SentenceFilenames.csv, {missing} without an FLV '
+                         f'in VideoFlash/, {bad} failing their checks')
+    for name, value in zip(('image', 'audio'), variances or (), strict=False):
+        if not np.isfinite(value) or value <= 0:
+            raise BadValueError(f'the training {name} variance is {value}: the clips under '
+                             f'{root} carry no {name} signal')
 
 
 def write_split_folder(data_path, splits, variances, record, *, overwrite=False):
@@ -324,6 +382,8 @@ def main():
     print(f'wrote {cfg["data_path"]}: {sizes} clips ({cfg["split_by"]} split, seed {cfg["seed"]})')
     for reason, dropped in record['dropped'].items():
         print(f'dropped {len(dropped)} {reason} clip(s): {", ".join(dropped) or "-"}')
+    for name, why in record['dropped']['bad'].items():
+        print(f'  {name}: {why}')
     print(f'train image variance {record["image_var"]:.6g}, audio variance '
           f'{record["audio_var"]:.6g}')
 

@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -428,7 +427,7 @@ def test_build_splits_drops_missing_and_faulty(twin, tmp_path):
     faulty = (names[1],)
     record = read_cremad.build_splits(root, tmp_path / 'out', faulty=faulty, cache=False,
                                       workers=1, progress=False)
-    assert record['dropped'] == {'faulty': [names[1]], 'missing': [gone]}
+    assert record['dropped'] == {'faulty': [names[1]], 'missing': [gone], 'bad': {}}
     stored = [p for s in SPLITS for p in load(tmp_path / 'out', f'{s}_videos.pkl')]
     assert len(stored) == len(set(names)) - 2
     assert not {Path(p).stem for p in stored} & {gone, names[1]}
@@ -452,12 +451,13 @@ def test_fingerprint_changes_with_files_and_params(twin, tmp_path):
         assert datasets.fingerprint([flv], other) != datasets.fingerprint([flv], params)
 
 
-def test_cache_is_reused_and_rebuilt_when_stale(twin, tmp_path):
+def test_cache_is_reused_and_rebuilt_when_stale(twin, tmp_path, capsys):
     flv = tmp_path / 'VideoFlash' / '1001_DFA_ANG_XX.flv'
     flv.parent.mkdir()
     shutil.copy(twin / 'VideoFlash' / flv.name, flv)
     first = datasets.build_cache([flv], tmp_path / 'cache', frame_jitter=2, workers=1,
                                  progress=False)
+    frames = np.load(first / 'frames.npy')
     assert datasets.build_cache([flv], tmp_path / 'cache', frame_jitter=2,
                                 progress=False) == first
     os.utime(flv)
@@ -465,5 +465,7 @@ def test_cache_is_reused_and_rebuilt_when_stale(twin, tmp_path):
     second = datasets.build_cache([flv], tmp_path / 'cache', frame_jitter=2, workers=1,
                                   progress=False)
     assert second != first and (second / 'meta.json').is_file()
-    assert np.array_equal(np.load(first / 'frames.npy'), np.load(second / 'frames.npy'))
-    assert Counter(p.suffix for p in (tmp_path / 'cache').iterdir()) == Counter({'': 2})
+    assert np.array_equal(frames, np.load(second / 'frames.npy'))
+    # the superseded cache of the same clip is removed, and says so
+    assert list((tmp_path / 'cache').iterdir()) == [second]
+    assert f'removed {first}' in capsys.readouterr().err
