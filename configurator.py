@@ -16,7 +16,9 @@ outside ``choices`` raises ``ConfigError`` whose message lists what is allowed.
 Nothing is applied until every argument has been checked.
 """
 import ast
+import re
 import sys
+from pathlib import Path
 
 from errors import BadValueError, exit_with
 
@@ -100,6 +102,9 @@ def configure(defaults, argv=None, choices=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     cfg = {k: defaults[k] for k in config_keys(defaults)}
+    if '-h' in argv or '--help' in argv:
+        print(help_text(cfg))
+        sys.exit(0)
     overrides = []
     for arg in argv:
         if arg.startswith('--'):
@@ -119,6 +124,36 @@ def configure(defaults, argv=None, choices=None):
             raise ConfigError(f'{key}={value!r} is not allowed; '
                               f'allowed: {_describe(choices[key])}')
     return cfg
+
+
+def help_text(cfg, script=None):
+    """--help: the script's docstring, then every constant with its default and the
+    comment of its header line (allowed values), found in the script or the project
+    modules it imported (main_separate.py shows main.py's header too)."""
+    script = Path(script or sys.argv[0]).resolve()
+    files = [Path(f) for f in (getattr(m, '__file__', None) for m in list(sys.modules.values()))
+             if isinstance(f, str) and Path(f).is_absolute()]
+    sources = [script] + [f for f in files if f.parent == script.parent and f.is_file()]
+    comments = {}
+    for source in dict.fromkeys(sources):
+        key = None
+        for line in source.read_text().splitlines():
+            match = re.match(r'^([a-z_][a-z0-9_]*) *=.*?#\s?(.*)$', line)
+            more = re.match(r'^# {8,}(.*)$', line)  # a comment continued under its line
+            if match and match[1] in cfg and match[1] not in comments:
+                key, comments[key] = match[1], match[2]
+            elif more and key:
+                comments[key] += ' ' + more[1]
+            else:
+                key = None
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ''
+    lines = [doc, '', f'usage: python3 {script.name} [config.py ...] [--key=value ...]',
+             'settings (default, then what is allowed):']
+    for k, v in cfg.items():
+        flag = f'--{k}={v!r}'
+        sep = '\n' + ' ' * 38 if len(flag) > 34 else ' ' * (36 - len(flag))
+        lines.append(f'  {flag}{sep}{comments.get(k, "")}'.rstrip())
+    return '\n'.join(lines)
 
 
 def configure_or_exit(defaults, argv=None, choices=None):

@@ -18,7 +18,7 @@ import datasets
 import experiment as ex
 import model as models
 from configurator import ConfigError, configure
-from errors import run_script
+from errors import UserError, one_line, run_script
 from read_variances import read_variances
 
 # ------------------------------------------------------------------------------------------
@@ -107,10 +107,14 @@ def start_run(cfg, argv):
 
 
 def logged(fn):
-    """Log a crash's traceback before it propagates: the log so far stays readable."""
+    """Log why a run stopped before it propagates, so the log so far stays readable:
+    a user's mistake (UserError) as its one line, anything else with its traceback."""
     def wrapper(cfg, run_dir, log, *args):
         try:
             return fn(cfg, run_dir, log, *args)
+        except UserError as e:
+            log(f'Run failed: {one_line(e)}')
+            raise
         except BaseException:
             log('Run failed:\n' + traceback.format_exc())
             raise

@@ -61,3 +61,16 @@ def test_user_errors_keep_their_builtin_types():
     assert issubclass(errors.ExistsError, FileExistsError)
     assert issubclass(errors.BadValueError, ValueError)
     assert errors.one_line(errors.UserError('first\n  second\n')) == 'first; second'
+
+
+def test_help_lists_every_setting_with_what_is_allowed(tmp_path):
+    proc = run_script(tmp_path, 'main_separate.py', '--help')
+    assert proc.returncode == 0 and proc.stderr == ''
+    assert proc.stdout.startswith('Two-stage CM-VQVAE')
+    lines = proc.stdout.splitlines()
+    assert "  --mode='multimodal'                 'multimodal', 'image-only', 'audio-only'" in lines
+    assert any(line.startswith('  --num_epoch_vae=None') and 'None: num_epoch' in line
+               for line in lines)
+    # a comment continued on the next header line is joined
+    assert any('--base_type=0' in line and '4 two-ResNet18' in line for line in lines)
+    assert listing(tmp_path) == []
