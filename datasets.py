@@ -96,18 +96,24 @@ def resolve_paths(paths, root=None):
     return [str(p) if root is None else remap_path(p, root) for p in paths]
 
 
-def load_split(data_path, split):
-    """(paths, labels) of a split config; labels: list of 8 int lists."""
+def load_pickles(data_path, split, builder='read_cremad.py'):
+    """(paths, labels) of a split config as stored; a missing file names its builder."""
     files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
     for f in files:
         if not f.is_file():
             raise MissingError(f'split config file {f} does not exist: build '
-                               f'{data_path} with read_cremad.py --data_path={data_path}')
+                               f'{data_path} with {builder} --data_path={data_path}')
     with open(files[0], 'rb') as f:
         paths = pickle.load(f)
     with open(files[1], 'rb') as f:
         labels = pickle.load(f)
-    return list(paths), [list(map(int, x)) for x in labels]
+    return list(paths), labels
+
+
+def load_split(data_path, split):
+    """(paths, labels) of a CREMA-D split config; labels: list of 8 int lists."""
+    paths, labels = load_pickles(data_path, split)
+    return paths, [list(map(int, x)) for x in labels]
 
 
 def check_aligned(paths, labels, where=''):
@@ -168,13 +174,17 @@ def to_spectrogram(spec):
 
 # ----------------------------------------------------------------------------- cache
 
-def cache_params(frame_jitter=15, backend='pyav'):
-    """Every parameter the cached arrays depend on."""
-    return {'version': CACHE_VERSION, 'crop_size': media.CROP_SIZE,
-            'image_size': media.IMAGE_SIZE, 'mel': media.MEL, 'spec_frames': media.SPEC_FRAMES,
-            'frame_jitter': frame_jitter, 'backend': backend, 'spec_dtype': 'float32',
-            'clip_size': list(CLIP_SIZE), 'min_seconds': media.MIN_SECONDS,
-            'min_frame_fraction': media.MIN_FRAME_FRACTION}
+def cache_params(frame_jitter=15, backend='pyav', decoder=None):
+    """Every parameter the cached arrays depend on (decoder: None for CREMA-D's
+    decode_clip, or an object with params() and spec_shape, e.g. RMLDecoder)."""
+    params = {'version': CACHE_VERSION, 'crop_size': media.CROP_SIZE,
+              'image_size': media.IMAGE_SIZE, 'mel': media.MEL, 'spec_frames': media.SPEC_FRAMES,
+              'frame_jitter': frame_jitter, 'backend': backend, 'spec_dtype': 'float32',
+              'clip_size': list(CLIP_SIZE), 'min_seconds': media.MIN_SECONDS,
+              'min_frame_fraction': media.MIN_FRAME_FRACTION}
+    if decoder is not None:
+        params.update(decoder.params(), spec_shape=list(decoder.spec_shape))
+    return params
 
 
 def fingerprint(paths, params):
@@ -225,7 +235,8 @@ def array_specs(count, params):
     """{name: (shape, dtype)} of a cache of `count` clips."""
     size = params['image_size']
     return {'frames': ((count, 2 * params['frame_jitter'] + 1, size, size, 3), np.dtype(np.uint8)),
-            'specs': ((count, params['mel']['n_mels'], params['spec_frames']),
+            'specs': ((count, *params.get('spec_shape', (params['mel']['n_mels'],
+                                                         params['spec_frames']))),
                       np.dtype(np.float32))}
 
 
@@ -275,28 +286,30 @@ def damage(folder, count, params):
 
 
 def build_cache(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
-                workers=DEFAULT_WORKERS, progress=True):
+                workers=DEFAULT_WORKERS, progress=True, decoder=None):
     """Decode every clip once into cache_dir/<fingerprint>/; return that folder (a Path).
 
+    decoder: None (CREMA-D's decode_clip) or a picklable decoder(path, jitter,
+    backend) -> (faces, spec of decoder.spec_shape), e.g. RMLDecoder.
     Reuses a complete cache with the same fingerprint (a damaged one is rebuilt).
     Raises MediaError naming how many clips are missing, undecodable or fail a
     check (media.check_clip), and the first few, after trying them all; a failed
     or interrupted build removes its temporary folder and says why in one line.
     """
-    return _build(paths, cache_dir, cache_params(frame_jitter, backend), workers, progress,
-                  drop_bad=False)[2]
+    return _build(paths, cache_dir, cache_params(frame_jitter, backend, decoder), workers,
+                  progress, drop_bad=False, decoder=decoder)[2]
 
 
 def build_cache_dropping(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
-                         workers=DEFAULT_WORKERS, progress=True):
+                         workers=DEFAULT_WORKERS, progress=True, decoder=None):
     """build_cache that leaves the clips failing a check out instead of raising:
     (kept paths, {path: reason} of the others, the cache folder of the kept paths).
     Every clip is decoded once (read_cremad.py validates every split this way)."""
-    return _build(paths, cache_dir, cache_params(frame_jitter, backend), workers, progress,
-                  drop_bad=True)
+    return _build(paths, cache_dir, cache_params(frame_jitter, backend, decoder), workers,
+                  progress, drop_bad=True, decoder=decoder)
 
 
-def _build(paths, cache_dir, params, workers, progress, drop_bad):
+def _build(paths, cache_dir, params, workers, progress, drop_bad, decoder=None):
     cache_dir = Path(cache_dir)
     final = cache_dir / fingerprint(paths, params)
     if _usable(final, len(paths), params):
@@ -307,7 +320,7 @@ def _build(paths, cache_dir, params, workers, progress, drop_bad):
     tmp = atomic.temp_folder(final)
     try:
         with atomic.sigterm_raises():
-            bad = _fill_cache(tmp, paths, params, workers, progress)
+            bad = _fill_cache(tmp, paths, params, workers, progress, decoder)
             if bad and not drop_bad:
                 raise media.MediaError(describe_bad(bad, len(paths)))
             kept = [p for p in paths if p not in bad]
@@ -400,12 +413,13 @@ def _allocate(path, shape, dtype):
     return array
 
 
-def _fill_cache(folder, paths, params, workers, progress):
+def _fill_cache(folder, paths, params, workers, progress, decoder=None):
     """Decode every clip into folder's arrays; {path: reason} of the clips that failed."""
     # Workers write straight into the memory-mapped files; only indices travel back.
     for name, (shape, dtype) in array_specs(len(paths), params).items():
         _allocate(folder / f'{name}.npy', shape, dtype)
-    jobs = [(i, p, params['frame_jitter'], params['backend']) for i, p in enumerate(paths)]
+    jobs = [(i, p, params['frame_jitter'], params['backend'], decoder)
+            for i, p in enumerate(paths)]
     media.log_mel(np.zeros(media.AUDIO_RATE, np.float32))  # librosa's lazy set-up, before forking
     bad = {}
     bar = tqdm(total=len(paths), desc='decode-once cache', unit='clip', disable=not progress)
@@ -445,9 +459,9 @@ def _open_cache(folder):
 
 def _cache_one(job):
     """Decode clip i into row i: (i, None), or (i, reason) for a clip that fails."""
-    i, path, jitter, backend = job
+    i, path, jitter, backend, decoder = job
     try:
-        faces, spec = decode_clip(path, jitter, backend)
+        faces, spec = (decoder or decode_clip)(path, jitter, backend)
     except media.MediaError as e:
         return i, e.reason
     _worker_arrays['frames'][i] = faces
@@ -508,6 +522,10 @@ class CREMADDataset(Dataset):
         return int(item_rng(self.seed, epoch, i).integers(-self.frame_jitter,
                                                           self.frame_jitter + 1))
 
+    def item_labels(self):
+        """(N, 4) int64: the labels an item returns after its image and audio."""
+        return self.labels[:, [EMOTION, RACE, GENDER, SENTENCE]]
+
     def arrays(self):
         """{'frames': (N, W, 128, 128, 3) uint8, 'specs': (N, 256, 256) float32 memmaps,
         'labels': (N, 8) int64}; only for a cached dataset."""
@@ -522,6 +540,249 @@ class CREMADDataset(Dataset):
     def __getstate__(self):
         # Memmaps must not be pickled into DataLoader workers (they would be copied).
         return {**self.__dict__, '_arrays': None}
+
+
+# ----------------------------------------------------------------------------- RML
+
+# RML's label order (the released code) and the codes its clip names start with.
+RML_EMOTIONS = ('happiness', 'sadness', 'anger', 'fear', 'surprise', 'disgust')
+RML_CODES = ('ha', 'sa', 'an', 'fe', 'su', 'di')
+RML_JITTER = 22                   # training frame within +-22 of the centre (released code)
+RML_CROP = {240: 190}             # square centre crop by frame height; other heights: 380
+RML_OTHER_CROP = 380
+# Audio geometries: (sample rate, seconds kept around the centre or None for the
+# whole clip), each followed by media.log_mel's mel (n_fft 2048, win 512, hop 353,
+# 256 mels) fitted to 256 frames. 'RML': the released RMLDataset; a pretrained
+# RML model takes its source dataset's ('CREMA-D': the whole clip at 44.1 kHz).
+AUDIO_GEOMETRIES = {'RML': (32000, 2.5), 'CREMA-D': (media.AUDIO_RATE, None)}
+# modify_modal: emotion-irrelevant features injected per item, one choice of each.
+SKIN_COLOURS = {'pale': (245, 215, 195), 'brown': (150, 95, 60), 'green': (120, 185, 110),
+                'blue': (120, 140, 215)}
+PITCH_SHIFTS = (-4.0, -2.0, 2.0, 4.0)   # semitones
+# Probe classes of the synthetic twin's ground_truth.csv (skin_class, pitch_class).
+RML_SKIN_TONES = ('light', 'medium', 'olive', 'dark')
+RML_PITCH_CLASSES = ('low', 'mid', 'high')
+
+
+def rml_emotion(path):
+    """'.../s1/ha3.avi' -> 0 (happiness): the code the clip's name starts with."""
+    code = Path(path).stem[:2].lower()
+    if code not in RML_CODES:
+        raise BadValueError(f'{path!r} is not an RML clip name (it must start with one of '
+                         f'{", ".join(RML_CODES)})')
+    return RML_CODES.index(code)
+
+
+def rml_subject(path):
+    """'.../s3/ha3.avi' (or '.../s3/<language>/ha3.avi') -> 2: the subject folder s1..s8."""
+    for part in reversed(Path(path).parts[:-1]):
+        if part[:1].lower() == 's' and part[1:].isdigit():
+            return int(part[1:]) - 1
+    raise BadValueError(f'{path!r} is not inside an RML subject folder s1..s8')
+
+
+def rml_face(frame):
+    """(H, W, 3) uint8 frame -> (128, 128, 3) uint8 square centre crop (190 pixels when
+    H is 240, else 380), resized."""
+    from PIL import Image
+    h, w = frame.shape[:2]
+    size = min(RML_CROP.get(h, RML_OTHER_CROP), h, w)
+    top, left = (h - size) // 2, (w - size) // 2
+    crop = Image.fromarray(frame[top:top + size, left:left + size])
+    return np.asarray(crop.resize((media.IMAGE_SIZE, media.IMAGE_SIZE), Image.BILINEAR))
+
+
+def rml_audio(audio, rate, geometry='RML'):
+    """Mono (N,) audio at ``rate`` -> (samples, new rate) of the geometry: the central
+    seconds (when longer), resampled."""
+    from math import gcd
+
+    from scipy.signal import resample_poly
+    target, seconds = AUDIO_GEOMETRIES[geometry]
+    if seconds is not None and len(audio) > seconds * rate:
+        keep = int(seconds * rate)
+        start = (len(audio) - keep) // 2
+        audio = audio[start:start + keep]
+    if rate != target:
+        g = gcd(int(rate), int(target))
+        audio = resample_poly(audio, target // g, int(rate) // g)
+    return np.asarray(audio, np.float32), target
+
+
+class RMLDecoder:
+    """Decode an RML clip: (faces (W, 128, 128, 3) uint8, log-mel (256, 256) float32,
+    or (P, 256, 256) with one log-mel per pitch shift). Picklable (cache workers)."""
+
+    def __init__(self, geometry='RML', pitch_shifts=()):
+        if geometry not in AUDIO_GEOMETRIES:
+            raise BadValueError(f'audio geometry {geometry!r} is not one of '
+                             f'{", ".join(AUDIO_GEOMETRIES)}')
+        self.geometry, self.pitch_shifts = geometry, tuple(float(s) for s in pitch_shifts)
+        frames = (media.MEL['n_mels'], media.SPEC_FRAMES)
+        self.spec_shape = (len(self.pitch_shifts), *frames) if self.pitch_shifts else frames
+
+    def params(self):
+        return {'dataset': 'RML', 'crop': [*RML_CROP.items(), ('other', RML_OTHER_CROP)],
+                'audio_geometry': AUDIO_GEOMETRIES[self.geometry],
+                'pitch_shifts': list(self.pitch_shifts)}
+
+    def __call__(self, path, frame_jitter=RML_JITTER, backend='pyav', offsets=None):
+        def pick(num_frames):
+            indices = window_indices(num_frames, frame_jitter)
+            return indices if offsets is None else indices[np.asarray(offsets) + frame_jitter]
+
+        frames, audio, _, rate = media.read_flv(path, backend, pick)
+        faces = np.stack([rml_face(frame) for frame in frames])
+        audio, rate = rml_audio(audio.mean(axis=0), rate, self.geometry)
+        if not self.pitch_shifts:
+            return faces, media.log_mel(audio, rate)
+        import librosa
+        return faces, np.stack([media.log_mel(librosa.effects.pitch_shift(
+            audio, sr=rate, n_steps=shift), rate) for shift in self.pitch_shifts])
+
+
+def recolour_skin(face, rgb):
+    """Change the skin colour of a (128, 128, 3) uint8 face to ``rgb``: pixels in the
+    usual skin range of YCbCr (Cb 77..127, Cr 133..173, Y > 60) are scaled channel-wise
+    so that their mean becomes rgb, keeping their shading."""
+    x = face.astype(np.float32)
+    y = x @ np.float32([0.299, 0.587, 0.114])
+    cb = 128 + x @ np.float32([-0.168736, -0.331264, 0.5])
+    cr = 128 + x @ np.float32([0.5, -0.418688, -0.081312])
+    skin = (cb >= 77) & (cb <= 127) & (cr >= 133) & (cr <= 173) & (y > 60)  # (128, 128)
+    if not skin.any():
+        return face
+    gain = np.float32(rgb) / np.maximum(x[skin].mean(axis=0), 1)
+    x[skin] *= gain
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def modify_choices(n, seed):
+    """(n, 2) int64: per item, the index of its SKIN_COLOURS and PITCH_SHIFTS choices,
+    from a generator seeded by (seed, item index): fixed for an item, known as labels."""
+    out = np.empty((n, 2), np.int64)
+    for i in range(n):
+        rng = np.random.default_rng((seed, 0x6D6F64, i))  # 0x6D6F64: 'mod'
+        out[i] = rng.integers(len(SKIN_COLOURS)), rng.integers(len(PITCH_SHIFTS))
+    return out
+
+
+def load_rml_split(data_path, split):
+    """(paths, emotions) of an RML split config, checked against the clip names."""
+    paths, labels = load_pickles(data_path, split, builder='read_rml.py')
+    where = f'{data_path} split {split!r}'
+    if len(labels) != len(paths):
+        raise BadValueError(f'{where}: {len(paths)} paths but {len(labels)} emotion labels')
+    labels = [int(x) for x in labels]
+    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        if label != rml_emotion(path):
+            raise BadValueError(f'{where}: label {label} of item {i} does not match its file '
+                             f'name {path} ({RML_EMOTIONS[rml_emotion(path)]})')
+    return paths, labels
+
+
+class RMLDataset(CREMADDataset):
+    """RML items of one split config (written by read_rml.py):
+
+        (image (3, 128, 128) float32 in [0, 1], spectrogram (1, 256, 256) float32,
+         emotion, skin, pitch, -1)
+
+    with the released preprocessing (see RMLDecoder; training frame within
+    +-frame_jitter of the centre, drawn as for CREMA-D; evaluation: the centre frame).
+    skin, pitch: -1 placeholders, or with modify_modal the indices of the item's
+    injected SKIN_COLOURS and PITCH_SHIFTS (see modify_choices). audio_geometry:
+    'RML', or a pretrained model's source dataset. root: remap the stored paths
+    (their last two parts, SUBJECT/NAME.avi) onto another RML folder.
+    """
+
+    def __init__(self, data_path, split, *, train=None, root=None, cache=True,
+                 cache_dir='cache', frame_jitter=RML_JITTER, backend='pyav',
+                 workers=DEFAULT_WORKERS, progress=True, seed=0, modify_modal=False,
+                 audio_geometry='RML'):
+        paths, emotions = load_rml_split(data_path, split)
+        self.paths = [str(p) if root is None else os.path.join(root, *Path(p).parts[-2:])
+                      for p in paths]
+        self.train = split == 'train' if train is None else train
+        self.frame_jitter, self.backend, self.seed = frame_jitter, backend, seed
+        self.modify_modal = modify_modal
+        self.decoder = RMLDecoder(audio_geometry, PITCH_SHIFTS if modify_modal else ())
+        self.choices = modify_choices(len(paths), seed) if modify_modal else None
+        self.labels = np.column_stack([emotions, self._extra_labels()]).astype(np.int64)
+        self.cache_path = None
+        if cache:
+            self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
+                                          backend=backend, workers=workers, progress=progress,
+                                          decoder=self.decoder)
+        self._arrays = None
+
+    def _extra_labels(self):
+        """(N, 3): skin, pitch, -1 (see the class docstring)."""
+        extra = np.full((len(self.paths), 3), -1, np.int64)
+        if self.choices is not None:
+            extra[:, :2] = self.choices
+        return extra
+
+    def item_labels(self):
+        return self.labels
+
+    def __getitem__(self, key):
+        """key: an index, or (epoch, index) from an EpochSampler (an index alone is epoch 0)."""
+        epoch, i = split_key(key)
+        offset = self._frame_offset(epoch, i)
+        if self.cache_path is None:
+            decoder = self.decoder
+            if self.choices is not None:  # decode only this item's pitch shift
+                decoder = RMLDecoder(decoder.geometry, [PITCH_SHIFTS[self.choices[i, 1]]])
+            faces, spec = decoder(self.paths[i], self.frame_jitter, self.backend, [offset])
+            face, spec = faces[0], spec if self.choices is None else spec[0]
+        else:
+            arrays = self.arrays()
+            face, spec = arrays['frames'][i, offset + self.frame_jitter], arrays['specs'][i]
+            spec = spec if self.choices is None else spec[self.choices[i, 1]]
+        if self.choices is not None:
+            face = recolour_skin(face, list(SKIN_COLOURS.values())[self.choices[i, 0]])
+        label = self.labels[i]
+        return (to_image(face), to_spectrogram(spec), *(int(x) for x in label))
+
+
+class RMLProbeDataset(RMLDataset):
+    """RML items with the seed's emotion-contradictory labels:
+
+        (image, spectrogram, emotion, skin, pitch, user)
+
+    skin, pitch: with modify_modal the injected SKIN_COLOURS / PITCH_SHIFTS indices;
+    otherwise the synthetic twin's rendered classes (RML_SKIN_TONES,
+    RML_PITCH_CLASSES) from the ground_truth.csv beside the subject folders, or -1
+    when there is none (a real RML copy). user: the subject, s1..s8 -> 0..7.
+    """
+
+    def _extra_labels(self):
+        extra = super()._extra_labels()
+        extra[:, 2] = [rml_subject(p) for p in self.paths]
+        if self.choices is None:
+            extra[:, :2] = rml_ground_truth_classes(self.paths)
+        return extra
+
+
+def rml_ground_truth_classes(paths):
+    """(N, 2) int64 (skin tone, pitch class) of each clip from the ground_truth.csv two
+    folders up (the twin's root); -1 where there is no such file or row."""
+    import csv
+    out = np.full((len(paths), 2), -1, np.int64)
+    tables = {}
+    for i, path in enumerate(paths):
+        root = Path(path).parent.parent
+        if root not in tables:
+            table, rows = root / 'ground_truth.csv', []
+            if table.is_file():
+                with open(table, newline='') as f:
+                    rows = list(csv.DictReader(f))
+            tables[root] = {r['name']: r for r in rows}
+        row = tables[root].get(f'{Path(path).parent.name}/{Path(path).stem}')
+        if row is not None:
+            out[i] = (RML_SKIN_TONES.index(row['skin_class']),
+                      RML_PITCH_CLASSES.index(row['pitch_class']))
+    return out
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -671,9 +932,9 @@ class EmoVoxCelebDataset(Dataset):
 
 # ----------------------------------------------------------------------------- registry
 
-DATASETS = {'CREMA-D': CREMADDataset, 'EmoVoxCeleb': EmoVoxCelebDataset}
-PLANNED = ('RML', 'RML_feat', 'RML_probe')  # not implemented yet
-RML_EMOTIONS = ('happiness', 'sadness', 'anger', 'fear', 'surprise', 'disgust')
+DATASETS = {'CREMA-D': CREMADDataset, 'RML': RMLDataset, 'RML_probe': RMLProbeDataset,
+            'EmoVoxCeleb': EmoVoxCelebDataset}
+PLANNED = ('RML_feat',)  # not implemented yet
 # Class names in label order (logs, metrics, plots); their count sizes the classifier.
 CLASS_NAMES = {'CREMA-D': EMOTIONS, 'RML': RML_EMOTIONS, 'RML_feat': RML_EMOTIONS,
                'RML_probe': RML_EMOTIONS, 'EmoVoxCeleb': FERPLUS}

@@ -27,6 +27,7 @@ from errors import BadValueError, MissingError
 from read_variances import read_variances
 
 REGULARIZATION_WEIGHT = 1e-4
+RML_DATASETS = ('RML', 'RML_probe')
 # 'mse': the released main.py (its division by the training variance is commented
 # out); 'mse/var': divided by it, as in the VQ-VAE notebook the code is based on.
 RECON_LOSSES = ('mse', 'mse/var')
@@ -81,6 +82,11 @@ def _subsample(v):
     return v is None or _positive_int(v)
 
 
+def _frame_jitter(v):
+    """None (the dataset's: CREMA-D 15, RML 22) or an int >= 0"""
+    return v is None or _non_negative_int(v)
+
+
 def _device(v):
     """'auto', 'cpu', 'cuda' or 'cuda:N'"""
     return v in ('auto', 'cpu', 'cuda') or (isinstance(v, str) and v.startswith('cuda:')
@@ -123,7 +129,10 @@ CHOICES = {
     'channels_last': ('auto', True, False),
     'cache': (True, False),
     'data_on_gpu': (False, True),
-    'frame_jitter': _non_negative_int,
+    'frame_jitter': _frame_jitter,
+    'pretrained_timestamp': _timestamp,
+    'reset_mask': (False, True),
+    'audio_geometry': (None, *datasets.AUDIO_GEOMETRIES),
     'twin_actors': _non_negative_int,
     'num_epoch_vae': _optional_positive_int,
     'num_epoch_solver': _optional_positive_int,
@@ -137,15 +146,29 @@ def check_config(cfg):
     if cfg['dataset'] not in datasets.DATASETS:
         raise ValueError(f"dataset={cfg['dataset']!r} is not implemented yet; "
                          f"implemented: {', '.join(map(repr, datasets.DATASETS))}")
-    if cfg['pretrained'] or cfg['modify_modal']:
+    rml = cfg['dataset'] in RML_DATASETS
+    if (cfg['pretrained'] or cfg['modify_modal']) and not rml:
         raise ValueError(f"pretrained and modify_modal apply to the RML dataset only; "
                          f"with {cfg['dataset']} both must be False")
+    if cfg['pretrained'] and cfg.get('pretrained_timestamp') is None:
+        raise ValueError('pretrained=True needs pretrained_timestamp: the saved run '
+                         '(results_dir/<timestamp>) whose VQ-VAE modules the model starts from')
+    if cfg['pretrained'] and cfg['base_type'] == 4:
+        raise ValueError('pretrained=True transfers VQ-VAE modules; base_type=4 (two ResNet18) '
+                         'has none: use base_type 0, 1, 2 or 3')
+    if cfg.get('twin_actors') and cfg['dataset'] != 'CREMA-D':
+        raise ValueError(f"twin_actors synthesizes a CREMA-D twin; with {cfg['dataset']} it "
+                         "must be 0 (make an RML twin with synth_rml.py and read_rml.py)")
+    if cfg.get('audio_geometry') is not None and not rml:
+        raise ValueError(f"audio_geometry applies to RML only; with {cfg['dataset']} it must "
+                         "be None")
     if cfg.get('subsample') is not None and cfg['dataset'] != 'EmoVoxCeleb':
         raise ValueError(f"subsample applies to EmoVoxCeleb only; with {cfg['dataset']} "
                          "it must be None")
-    if cfg['data_on_gpu'] and cfg['dataset'] != 'CREMA-D':
-        raise ValueError(f"data_on_gpu=True samples from the CREMA-D cache; with "
-                         f"{cfg['dataset']} it must be False")
+    if cfg['data_on_gpu'] and (cfg['dataset'] not in ('CREMA-D', 'RML') or cfg['modify_modal']):
+        raise ValueError(f"data_on_gpu=True samples from the CREMA-D or RML cache without "
+                         f"modify_modal; with {cfg['dataset']} (modify_modal="
+                         f"{cfg['modify_modal']}) it must be False")
     if cfg['data_on_gpu'] and not cfg['cache']:
         raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
     if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
@@ -322,13 +345,24 @@ class Runtime:
 
 # ----------------------------------------------------------------------------- data
 
+def frame_jitter(cfg):
+    """cfg['frame_jitter'], or when None the dataset's (CREMA-D 15, RML 22)."""
+    if cfg['frame_jitter'] is not None:
+        return cfg['frame_jitter']
+    return datasets.RML_JITTER if cfg['dataset'] in RML_DATASETS else 15
+
+
 def dataset_options(cfg):
     """The keyword arguments cfg['dataset']'s class takes from the config."""
     if cfg['dataset'] == 'EmoVoxCeleb':
         return {'subsample': cfg.get('subsample'), 'seed': cfg['seed']}
-    return {'root': cfg.get('media_root'), 'cache': cfg['cache'], 'cache_dir': cfg['cache_dir'],
-            'frame_jitter': cfg['frame_jitter'], 'workers': max(1, cfg['num_workers']),
-            'seed': cfg['seed']}
+    options = {'root': cfg.get('media_root'), 'cache': cfg['cache'],
+               'cache_dir': cfg['cache_dir'], 'frame_jitter': frame_jitter(cfg),
+               'workers': max(1, cfg['num_workers']), 'seed': cfg['seed']}
+    if cfg['dataset'] in RML_DATASETS:
+        options.update(modify_modal=cfg['modify_modal'],
+                       audio_geometry=cfg.get('audio_geometry') or 'RML')
+    return options
 
 
 def make_datasets(cfg, splits=('train', 'val', 'test')):
@@ -358,9 +392,7 @@ class DeviceLoader:
         self.jitter = (arrays['frames'].shape[1] - 1) // 2
         self.frames = _to_device(arrays['frames'], device)   # (N, 2J+1, 128, 128, 3) uint8
         self.specs = _to_device(arrays['specs'], device)     # (N, 256, 256) float32
-        labels = torch.as_tensor(arrays['labels'], device=device)
-        self.labels = labels[:, [datasets.EMOTION, datasets.RACE, datasets.GENDER,
-                                 datasets.SENTENCE]]         # (N, 4) in the item's order
+        self.labels = torch.as_tensor(dataset.item_labels(), device=device)  # (N, 4) as items
         self.seed, self.epoch = seed, 0
         self.generator = torch.Generator(device=device)
 

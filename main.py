@@ -1,9 +1,11 @@
-"""CM-VQVAE: train, validate and test on CREMA-D; or evaluate a saved run.
+"""CM-VQVAE: train, validate and test on CREMA-D, RML or EmoVoxCeleb; or evaluate a saved run.
 
     python main.py                              # the header below, as it is
     python main.py configs/demo.py              # a config file overrides the header
     python main.py --mode=audio-only --seed=1   # so do --key=value pairs
     python main.py --timestamp=20261121-101500  # evaluate results/20261121-101500
+    python main.py --dataset=RML --data_path=data_rml_by_user --num_epoch=10
+    python main.py --dataset=RML --pretrained=True --pretrained_timestamp=20261121-101500
 
 A run writes results/<YYYYmmdd-HHMMSS>/ (see README.md for every file).
 """
@@ -19,19 +21,23 @@ import experiment as ex
 import model as models
 from configurator import ConfigError, configure
 from errors import UserError, one_line, run_script
+import transfer
 from read_variances import read_variances
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
 message = 'CM-VQVAE on CREMA-D'  # recorded at the top of the log
 timestamp = None            # None: train; 'YYYYmmdd-HHMMSS': evaluate results/<timestamp>
-dataset = 'CREMA-D'         # 'CREMA-D', 'EmoVoxCeleb' ('RML', 'RML_feat': not implemented yet)
-pretrained = False          # RML only: start from a CREMA-D model's VQ-VAE modules
+dataset = 'CREMA-D'         # 'CREMA-D', 'RML', 'EmoVoxCeleb' ('RML_feat': not implemented yet)
+pretrained = False          # RML only: start from a saved run's VQ-VAE modules (transfer.py)
+pretrained_timestamp = None  # pretrained=True: that run, 'YYYYmmdd-HHMMSS' in results_dir
+reset_mask = False          # pretrained=True: reset the transferred mask to its initial value
 mode = 'multimodal'         # 'multimodal', 'image-only', 'audio-only'
 base_type = 0               # 0 proposed; 1 no reconstruction, no mask; 2 no mask;
 #                             3 no reconstruction; 4 two-ResNet18 comparison model
-data_path = 'data_cremad'   # folder of split configs written by read_cremad.py
-media_root = None           # None: clip paths as stored in data_path; a CREMA-D folder:
+data_path = 'data_cremad'   # split configs: read_cremad.py (data_cremad), read_rml.py
+#                             (data_rml: by clip; data_rml_by_user: subjects held out)
+media_root = None           # None: clip paths as stored in data_path; a CREMA-D (RML) folder:
 #                             remap them onto it (e.g. the published run's split files)
 balanced = False            # deprecated; True is an error
 num_epoch = 50              # epochs (int > 0)
@@ -51,7 +57,8 @@ threshold_fn = 'binarizer'  # 'binarizer', 'ternarizer', 'attention', 'randomize
 threshold = None            # None means 5e-3
 regularization = True       # adds 1e-4 * sum(mask) to the loss (True, False)
 recon_loss = 'mse'          # 'mse' (released code), 'mse/var' (divided by the training variance)
-modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch
+modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch per item
+audio_geometry = None       # RML only: None ('RML', or the pretrained source's), 'RML', 'CREMA-D'
 subsample = None            # EmoVoxCeleb only: None, or N: keep every ceil(len/N)-th item
 # additions to the paper's constants
 seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
@@ -62,7 +69,8 @@ channels_last = 'auto'      # 'auto' (on CUDA), True, False
 cache = True                # decode each clip once into cache_dir (True, False)
 cache_dir = 'cache'         # decode-once cache folder (memory-mapped arrays)
 data_on_gpu = False         # CUDA + cache: keep the cached arrays on the GPU, sample there
-frame_jitter = 15           # training frame drawn within +-frame_jitter of the centre frame
+frame_jitter = None         # training frame within +-frame_jitter of the centre frame;
+#                             None: the dataset's (CREMA-D 15, RML 22)
 results_dir = 'results'     # run folders go to results_dir/<timestamp>
 twin_actors = 0             # > 0: if data_path is missing, synthesize a twin of this many
 #                             actors at twin_root and build its split configs (the demo)
@@ -87,6 +95,8 @@ def resolve(defaults, argv):
     cfg = configure(defaults, argv, ex.CHOICES)
     try:
         ex.check_config(cfg)
+        if not cfg['timestamp']:  # a saved run's config already holds its geometry
+            cfg = transfer.resolve(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -128,6 +138,8 @@ def train(cfg, run_dir, log):
     runtime, loaders, variances = ex.setup(cfg, log)
     net = runtime.prepare(models.build_model(ex.model_config(cfg)))
     log(f'Model: {type(net).__name__}, {models.count_parameters(net):,} trainable parameters')
+    if cfg['pretrained']:
+        transfer.apply([net], cfg, log)
     history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt')
     net, best_epoch = load_model(cfg, run_dir, runtime)
     log(f'Best epoch {best_epoch} (lowest val class_error); testing its checkpoint')
@@ -198,7 +210,7 @@ def prepare_data(cfg):
         import read_cremad
         read_cremad.prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
                                  workers=max(1, cfg['num_workers']), cache_dir=cfg['cache_dir'],
-                                 frame_jitter=cfg['frame_jitter'], num_actors=cfg['twin_actors'])
+                                 frame_jitter=ex.frame_jitter(cfg), num_actors=cfg['twin_actors'])
 
 
 def main(argv=None):

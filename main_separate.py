@@ -19,6 +19,7 @@ from torch import nn
 import experiment as ex
 import main
 import model as models
+import transfer
 from configurator import ConfigError
 from errors import run_script
 
@@ -86,6 +87,8 @@ def load_two_stage(cfg, run_dir, runtime):
 def train(cfg, run_dir, log):
     runtime, loaders, variances = ex.setup(cfg, log)
     vqvae, solver = build(cfg, runtime)
+    if cfg['pretrained']:
+        transfer.apply([vqvae, solver], cfg, log)
     log(f'Stage 1: VQ-VAEs, {models.count_parameters(vqvae):,} trainable parameters, '
         f'{cfg["num_epoch_vae"]} epochs on reconstruction')
     ex.fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',

@@ -155,8 +155,14 @@ def format_stats(labels, split):
     classes = {'actor': None, 'sentence': datasets.SENTENCES, 'emo': datasets.EMOTIONS,
                'level': datasets.LEVELS, 'age': datasets.AGES, 'gender': datasets.GENDERS,
                'race': datasets.RACES, 'ethnic': datasets.ETHNICITIES}
+    return format_counts(dict(zip(datasets.LABEL_NAMES, labels, strict=True)), classes, split)
+
+
+def format_counts(labels, classes, split):
+    """{label name: int list} -> class counts per label ({split}_stats.txt format);
+    classes: {label name: class names, or None for numbered classes 01, 02, ...}."""
     lines = ['']
-    for name, values in zip(datasets.LABEL_NAMES, labels, strict=True):
+    for name, values in labels.items():
         counts, total = Counter(values), len(values)
         names = classes[name] or [f'{k + 1:02d}' for k in range(max(values, default=-1) + 1)]
         lines.append(f'* {name}')
@@ -191,40 +197,41 @@ class RunningVariance:
 
 
 def compute_variances(paths, *, cache=True, cache_dir='cache', frame_jitter=15, backend='pyav',
-                      workers=datasets.DEFAULT_WORKERS, progress=True):
+                      workers=datasets.DEFAULT_WORKERS, progress=True, decoder=None):
     """(image_var, audio_var): variance over all pixels in [0, 1] of the evaluation
     (centre) face crops and over all log-mel values of the clips at ``paths``.
     A clip that fails (MediaError) stops it; validate_splits drops such clips."""
     kept, bad, variances = validate_splits(
         {'train': paths}, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter,
-        backend=backend, workers=workers, progress=progress)
+        backend=backend, workers=workers, progress=progress, decoder=decoder)
     if bad:
         raise media.MediaError(datasets.describe_bad(bad, len(paths)))
     return variances
 
 
 def validate_splits(paths, *, cache=True, cache_dir='cache', frame_jitter=15, backend='pyav',
-                    workers=datasets.DEFAULT_WORKERS, progress=True):
+                    workers=datasets.DEFAULT_WORKERS, progress=True, decoder=None):
     """Decode every clip of every split once and measure the training variances.
 
     paths: {split: clip paths}. Returns ({split: kept paths}, {path: reason} of the
     clips that are missing, undecodable or fail media.check_clip, (image_var,
     audio_var) of the kept 'train' clips). cache: through the decode-once caches
-    that training reuses; else only the centre frames are decoded.
+    that training reuses; else only the centre frames are decoded. decoder: None
+    (CREMA-D's datasets.decode_clip) or another dataset's, e.g. datasets.RMLDecoder().
     """
     if cache:
         kept, bad = {}, {}
         for split, split_paths in paths.items():
             kept[split], dropped, folder = datasets.build_cache_dropping(
                 split_paths, cache_dir, frame_jitter=frame_jitter, backend=backend,
-                workers=workers, progress=progress)
+                workers=workers, progress=progress, decoder=decoder)
             bad.update(dropped)
             if split == 'train':
                 variances = _cache_variances(folder, frame_jitter, progress)
         return kept, bad, variances
     image, audio, bad = RunningVariance(), RunningVariance(), {}
     jobs = [(s, p) for s, split_paths in paths.items() for p in split_paths]
-    items = _decode_centres([p for _, p in jobs], backend, workers)
+    items = _decode_centres([p for _, p in jobs], backend, workers, decoder)
     for (split, path), item in tqdm(zip(jobs, items, strict=True), total=len(jobs),
                                     desc='decode centres', unit='clip', disable=not progress):
         if isinstance(item, str):
@@ -246,10 +253,10 @@ def _cache_variances(folder, frame_jitter, progress, chunk=64):
     return float(image.variance), float(audio.variance)
 
 
-def _decode_centres(paths, backend, workers):
+def _decode_centres(paths, backend, workers, decoder=None):
     """Yield (centre face crop (128, 128, 3) uint8, log-mel (256, 256)) per clip, in
     order, or the reason (a str) it cannot be used."""
-    jobs = [(p, backend) for p in paths]
+    jobs = [(p, backend, decoder) for p in paths]
     if workers <= 1:
         yield from map(_decode_centre, jobs)
         return
@@ -258,9 +265,9 @@ def _decode_centres(paths, backend, workers):
 
 
 def _decode_centre(job):
-    path, backend = job
+    path, backend, decoder = job
     try:
-        faces, spec = datasets.decode_clip(path, 0, backend)
+        faces, spec = (decoder or datasets.decode_clip)(path, 0, backend)
     except media.MediaError as e:
         return e.reason
     return faces[0], spec
