@@ -236,8 +236,8 @@ def test_misaligned_labels_are_rejected(twin, tmp_path):
 
 
 def test_unimplemented_datasets_are_named():
-    with pytest.raises(NotImplementedError, match='RML'):
-        datasets.get_dataset('RML', 'data_rml', 'train')
+    with pytest.raises(NotImplementedError, match='RML_feat'):
+        datasets.get_dataset('RML_feat', 'data_rml', 'train')
     with pytest.raises(ValueError, match='EmoVoxCeleb'):
         datasets.get_dataset('IEMOCAP', 'x', 'train')
     assert datasets.NUM_CLASSES['CREMA-D'] == 6
