@@ -126,6 +126,11 @@ def build_splits(root, data_path=None, *, seed=0, split_by='clip', sizes=(0.8, 0
     paths, bad, variances = read_cremad.validate_splits(
         paths, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter, backend=backend,
         workers=workers, progress=progress, decoder=datasets.RMLDecoder())
+    empty = [s for s in SPLITS if not paths[s]]
+    if empty:
+        raise MissingError(f'no usable clips for split(s) {", ".join(empty)} under {root} '
+                           f'({len(names)} AVI clips)'
+                           + (f': {datasets.describe_bad(bad, len(names))}' if bad else ''))
     read_cremad.check_usable(root, paths, variances, len(names), 0, len(bad))
     splits = {s: [str(Path(p).relative_to(root).with_suffix('')) for p in paths[s]]
               for s in SPLITS}

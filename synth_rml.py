@@ -35,7 +35,6 @@ crc32(name)), each subject by (seed, subject): a clip does not depend on the
 number of workers or the other clips.
 """
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from PIL import Image
 from scipy.signal import resample_poly
 
 import atomic
+import errors
 import media
 import synth
 from synth import SynthError, rng_for
@@ -224,14 +224,14 @@ def _check(num_subjects, clips_per_emotion, sentences_per_emotion, seed, workers
                 nuisance=float(nuisance), duration_scale=float(duration_scale))
 
 
+def main():
+    from configurator import configure
+    cfg = configure(globals())
+    generate(cfg['root'], num_subjects=cfg['num_subjects'],
+             clips_per_emotion=cfg['clips_per_emotion'],
+             sentences_per_emotion=cfg['sentences_per_emotion'], seed=cfg['seed'],
+             workers=cfg['workers'], nuisance=cfg['nuisance'], duration_scale=cfg['duration_scale'])
+
+
 if __name__ == '__main__':
-    from configurator import configure_or_exit
-    cfg = configure_or_exit(globals())
-    try:
-        generate(cfg['root'], num_subjects=cfg['num_subjects'],
-                 clips_per_emotion=cfg['clips_per_emotion'],
-                 sentences_per_emotion=cfg['sentences_per_emotion'], seed=cfg['seed'],
-                 workers=cfg['workers'], nuisance=cfg['nuisance'],
-                 duration_scale=cfg['duration_scale'])
-    except SynthError as e:
-        sys.exit(f'synth_rml: {e}')
+    errors.run_script(main)

@@ -13,52 +13,56 @@ value afterwards, for the seed's comparisons of knowledge transfer). The
 classifier always starts from scratch (its classes are another dataset's).
 """
 import json
+from pathlib import Path
 
 import torch
 
 import datasets
 import experiment as ex
+from errors import BadValueError, MissingError
 
 VQVAE_PARTS = ('encoders', 'pre_vq', 'quantizers', 'decoders')
 WIDTH_KEYS = ('num_hiddens', 'num_residual_hiddens', 'num_residual_layers', 'embedding_dim',
               'num_embeddings')
-CHECKPOINTS = ('model.pt', 'model_vae.pt', 'model_solver.pt')  # main.py; main_separate.py
+CHECKPOINTS = [f for files in ex.CHECKPOINTS.values() for f in files]  # of either script
 
 
 def source_config(cfg):
-    """(run folder, saved config) of cfg['pretrained_timestamp']."""
-    run_dir = ex.find_run_dir(cfg['results_dir'], cfg['pretrained_timestamp'])
+    """(run folder, saved config) of cfg['pretrained_timestamp']: a run trained by
+    main.py or main_separate.py; MissingError listing the trained runs otherwise."""
+    results = Path(cfg['results_dir'])
+    run_dir = results / cfg['pretrained_timestamp']
+    if ex.trained_by(run_dir) is None:
+        runs = sorted(p.name for p in results.glob('*') if ex.trained_by(p))
+        raise MissingError(f'pretrained_timestamp={cfg["pretrained_timestamp"]!r}: '
+                           f'{run_dir} is not a trained run; trained runs in {results}: '
+                           f'{", ".join(runs) or "none"}')
     return run_dir, json.loads((run_dir / 'config.json').read_text())
 
 
 def resolve(cfg):
     """cfg with audio_geometry set (the source's when pretrained, else 'RML' for RML);
-    ValueError naming the mismatch when the source cannot be transferred."""
+    BadValueError naming the mismatch when the source cannot be transferred."""
     if cfg['dataset'] not in ex.RML_DATASETS:
         return cfg
     if not cfg['pretrained']:
         return {**cfg, 'audio_geometry': cfg.get('audio_geometry') or 'RML'}
-    try:
-        run_dir, saved = source_config(cfg)
-    except FileNotFoundError as e:
-        raise ValueError(f'pretrained_timestamp: {e}') from None
+    run_dir, saved = source_config(cfg)
     where = f'pretrained_timestamp={cfg["pretrained_timestamp"]!r} ({run_dir})'
     diff = [f'{k} {saved.get(k)!r} vs {cfg[k]!r}' for k in WIDTH_KEYS if saved.get(k) != cfg[k]]
     if diff:
-        raise ValueError(f'{where} has other widths than this run (source vs here): '
+        raise BadValueError(f'{where} has other widths than this run (source vs here): '
                          f'{", ".join(diff)}; set them to the source\'s')
     if (saved.get('decay', 0) > 0) != (cfg['decay'] > 0):
-        raise ValueError(f'{where}: codebook kind differs (source decay {saved.get("decay")!r}, '
+        raise BadValueError(f'{where}: codebook kind differs (source decay {saved.get("decay")!r}, '
                          f'here {cfg["decay"]!r}: EMA needs decay > 0 on both, plain VQ 0)')
     geometry = saved.get('audio_geometry') or saved['dataset']
     if geometry not in datasets.AUDIO_GEOMETRIES:
-        raise ValueError(f'{where}: its audio geometry ({geometry!r}) cannot feed RML; '
+        raise BadValueError(f'{where}: its audio geometry ({geometry!r}) cannot feed RML; '
                          f'supported sources: {", ".join(datasets.AUDIO_GEOMETRIES)}')
     if cfg.get('audio_geometry') not in (None, geometry):
-        raise ValueError(f'{where} was trained on {geometry!r} audio, but audio_geometry='
+        raise BadValueError(f'{where} was trained on {geometry!r} audio, but audio_geometry='
                          f'{cfg["audio_geometry"]!r}; leave it None to follow the source')
-    if not any((run_dir / name).is_file() for name in CHECKPOINTS):
-        raise ValueError(f'{where} holds no checkpoint ({", ".join(CHECKPOINTS)})')
     return {**cfg, 'audio_geometry': geometry}
 
 
@@ -105,7 +109,7 @@ def apply(nets, cfg, log):
             if value is None:
                 missing.add(module)
             elif value.shape != tensor.shape:
-                raise ValueError(f'pretrained: {name} has shape {tuple(value.shape)} in '
+                raise BadValueError(f'pretrained: {name} has shape {tuple(value.shape)} in '
                                  f'{run_dir}, {tuple(tensor.shape)} here')
             else:
                 copies[name] = value
