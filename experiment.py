@@ -136,6 +136,13 @@ CHOICES = {
     'twin_actors': _non_negative_int,
     'num_epoch_vae': _optional_positive_int,
     'num_epoch_solver': _optional_positive_int,
+    # probe.py
+    'probe_items': _positive_int,
+    'probe_epochs': _non_negative_int,
+    'probe_seed': _non_negative_int,
+    'bootstrap': _positive_int,
+    'probe_C': _positive_float,
+    'probe_alpha': _positive_float,
 }
 
 
@@ -203,11 +210,11 @@ def _jsonable(x):
     return str(x)
 
 
-def new_run_dir(results_dir):
-    """Create results_dir/<YYYYmmdd-HHMMSS> exclusively; never reuse a folder."""
+def new_run_dir(results_dir, prefix=''):
+    """Create results_dir/<prefix><YYYYmmdd-HHMMSS> exclusively; never reuse a folder."""
     Path(results_dir).mkdir(parents=True, exist_ok=True)
     while True:
-        path = Path(results_dir) / time.strftime(TIMESTAMP_FORMAT)
+        path = Path(results_dir) / (prefix + time.strftime(TIMESTAMP_FORMAT))
         try:
             path.mkdir()
             return path
@@ -365,10 +372,13 @@ def dataset_options(cfg):
     return options
 
 
-def make_datasets(cfg, splits=('train', 'val', 'test')):
-    """The splits of cfg['data_path'] (training items drawn at random)."""
+def make_datasets(cfg, splits=('train', 'val', 'test'), train=None):
+    """The splits of cfg['data_path']. train=None: the training split draws its items
+    at random, the others take the centre frame; False: every split takes the centre
+    frame (deterministic features, e.g. for probe.py)."""
     return {split: datasets.get_dataset(cfg['dataset'], cfg['data_path'], split,
-                                        train=split == 'train', **dataset_options(cfg))
+                                        train=split == 'train' if train is None else train,
+                                        **dataset_options(cfg))
             for split in splits}
 
 

@@ -161,3 +161,53 @@ def audible_bands(specs):
     floor = specs.min(axis=(1, 2, 3), keepdims=True)
     loud = (specs > floor + 1e-3).any(axis=(0, 1, 3))            # (F,)
     return int(np.flatnonzero(loud)[-1]) + 1 if loud.any() else specs.shape[2]
+
+
+def plot_variants(path, rows, title):
+    """One modality's reconstruction variants: a row per variant, a column per item.
+
+    rows: {row title: array (N, C, H, W)}, the first row the originals (its value
+    range scales every log-mel in its column). C == 3: RGB frames, C == 1: log-mels.
+    """
+    names = list(rows)
+    originals = rows[names[0]]
+    n = len(originals)
+    fig, axes = plt.subplots(len(names), n, figsize=(1.8 * n, 1.9 * len(names)),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.axis('off')
+            data = rows[name][i]
+            if data.shape[0] == 3:
+                ax.imshow(np.clip(data.transpose(1, 2, 0), 0, 1))
+            else:
+                ax.imshow(data[0], origin='lower', aspect='auto', cmap='magma',
+                          vmin=originals[i].min(), vmax=originals[i].max())
+            if i == 0:
+                ax.set_title(name, fontsize=9, loc='left')
+    fig.suptitle(title, fontsize=10)
+    _save(fig, Path(path))
+
+
+def plot_decodability(path, values, labels, columns, title):
+    """Heatmap of decodability (rows labels, columns channel subsets); NaN = not scored.
+
+    values: (len(labels), len(columns)) array of skill: (accuracy - chance) / (1 -
+    chance) for classes, R^2 for continuous factors; 0 = chance, 1 = perfect.
+    """
+    values = np.asarray(values, float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 3, 0.28 * len(labels) + 1.5))
+    cmap = plt.get_cmap('viridis').copy()
+    cmap.set_bad('lightgrey')  # NaN: an empty subset or a skipped label
+    image = ax.imshow(np.ma.masked_invalid(np.clip(values, -0.2, 1)), cmap=cmap, vmin=-0.2,
+                      vmax=1, aspect='auto')
+    for i, j in np.ndindex(values.shape):
+        text = '-' if np.isnan(values[i, j]) else f'{values[i, j]:.2f}'
+        ax.text(j, i, text, ha='center', va='center', fontsize=7,
+                color='black' if values[i, j] > 0.5 else 'white')
+    ax.set(xticks=range(len(columns)), yticks=range(len(labels)), title=title)
+    ax.set_xticklabels(columns, rotation=30, ha='right', fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
+    fig.colorbar(image, ax=ax, label='skill (0 chance, 1 perfect)')
+    _save(fig, Path(path))

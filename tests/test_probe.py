@@ -1,0 +1,234 @@
+"""probe.py: reconstruction variants, mix pairing, linear probes with a known answer,
+errors, determinism, and one end-to-end probe of a tiny trained run."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import model as models
+import probe
+import read_cremad
+from test_runner import args, newest_run
+
+TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 2,
+        'embedding_dim': 4, 'num_embeddings': 8}
+PROBE_CFG = {'embedding_dim': 4, 'probe_C': 1.0, 'probe_alpha': 1.0, 'probe_seed': 0,
+             'bootstrap': 200}
+
+
+class CPU:
+    """The Runtime a test needs: no autocast, tensors stay put."""
+    device = torch.device('cpu')
+
+    @staticmethod
+    def autocast():
+        return torch.autocast('cpu', enabled=False)
+
+
+# ----------------------------------------------------------------------------- variants
+
+@pytest.fixture(scope='module')
+def tiny_probe():
+    torch.manual_seed(0)
+    net = models.build_probe(TINY).eval()
+    shared = torch.tensor([1., 0., 1., 0., 0., 1., 1., 0.])  # image 0, 2; audio 1, 2
+    return net, shared
+
+
+def test_every_variant_decodes_both_modalities(tiny_probe):
+    net, shared = tiny_probe
+    image, audio = torch.rand(3, 3, 128, 128), torch.randn(3, 1, 256, 256)
+    rows = probe.decoders_of(PROBE_CFG, net, {'shared': net.backbone})
+    recon = probe.decode_rows(rows, net.backbone, shared, image, audio, CPU)
+    assert list(recon) == [*probe.VARIANT_TITLES.values(), 'shared only, tuned decoders']
+    for recon_image, recon_audio in recon.values():
+        assert recon_image.shape == (3, 3, 128, 128)
+        assert recon_audio.shape == (3, 1, 256, 256)
+
+
+def test_mixed_codes_pair_sample_i_with_sample_i_minus_1(tiny_probe):
+    """Channel c of sample i: its own where shared, sample i-1's where private
+    (sample 0 takes the last sample's)."""
+    _, shared = tiny_probe
+    codes = torch.arange(4.).reshape(4, 1, 1, 1).expand(4, 4, 2, 2)  # value = sample index
+    masker = models.Masker(embedding_dim=4, **probe.VARIANTS['mixed'])
+    q_image, q_audio = masker(codes, codes + 10, shared)
+    for i in range(4):
+        for c, keep in enumerate(shared[:4]):
+            assert q_image[i, c, 0, 0] == (i if keep else (i - 1) % 4)
+        for c, keep in enumerate(shared[4:]):
+            assert q_audio[i, c, 0, 0] == 10 + (i if keep else (i - 1) % 4)
+
+
+def test_mixed_reconstruction_decodes_the_mixed_codes(tiny_probe):
+    net, shared = tiny_probe
+    image, audio = torch.rand(3, 3, 128, 128), torch.randn(3, 1, 256, 256)
+    rows = probe.decoders_of(PROBE_CFG, net, {})
+    mixed = probe.decode_rows(rows, net.backbone, shared, image, audio, CPU)[
+        probe.VARIANT_TITLES['mixed']]
+    with torch.no_grad():
+        q = net.backbone(image, audio, decode=False).quantized_image
+        gate = shared[:4].reshape(1, 4, 1, 1)
+        expected = net.backbone.decoders['image'](q * gate + q[[2, 0, 1]] * (1 - gate))
+    assert torch.allclose(mixed[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('fn, expected', [
+    ('binarizer', [False, False, True, False]), ('ternarizer', [True, False, True, False]),
+    ('attention', [False, False, True, False]), ('randomizer', [False, False, True, False])])
+def test_shared_channels_follow_the_threshold_rule(fn, expected):
+    raw = torch.tensor([-0.5, 0.001, 0.2, 0.005])
+    assert probe.shared_channels(raw, fn, None).tolist() == expected
+
+
+# ----------------------------------------------------------------------------- probes
+
+def synthetic_case(n_train=240, n_test=120, seed=0):
+    """Pooled codes of 2D = 8 channels: the 'emotion' class lives in channels 0 and 4
+    (marked shared), an 'actor' class and a continuous 'skin' factor in channels 1
+    and 5 (private); the rest is noise."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    emotion, actor = rng.integers(0, 3, n), rng.integers(0, 4, n)
+    skin = rng.normal(size=n)
+    x = rng.normal(size=(n, 8))
+    x[:, 0] += 5 * emotion
+    x[:, 4] -= 2 * emotion
+    x[:, 1] += 5 * actor
+    x[:, 5] += 5 * skin
+    features = {'train': x[:n_train], 'test': x[n_train:]}
+    labels = [probe.Label(name, kind, probe.label_role(name), v[:n_train], v[n_train:])
+              for name, kind, v in (('emotion', 'class', emotion), ('actor', 'class', actor),
+                                    ('skin_r', 'continuous', skin))]
+    shared = np.array([1, 0, 0, 0, 1, 0, 0, 0], bool)
+    return features, labels, shared
+
+
+def test_the_probe_finds_which_channels_carry_each_label():
+    features, labels, shared = synthetic_case()
+    subsets = probe.channel_subsets(shared, 4, np.ones(8, bool))
+    result = probe.run_probes(labels, features, subsets, PROBE_CFG)
+    emotion, actor, skin = result['emotion'], result['actor'], result['skin_r']
+    assert emotion['subsets']['shared']['score'] > 0.9
+    assert emotion['subsets']['private']['score'] < 0.55      # chance ~ 1/3
+    assert emotion['claim']['found'] == 'shared' and emotion['claim']['agrees'] is True
+    assert emotion['claim']['verdict'] == 'as claimed: more decodable from shared'
+    assert actor['subsets']['private']['score'] > 0.9
+    assert actor['claim']['found'] == 'private' and actor['claim']['agrees'] is True
+    assert skin['kind'] == 'continuous' and skin['subsets']['private']['score'] > 0.9
+    assert abs(skin['subsets']['shared']['score']) < 0.1
+    assert skin['subsets']['image_shared']['channels'] == 1
+    for part in emotion['subsets'].values():
+        assert part['low'] <= part['score'] <= part['high']
+
+
+def test_a_wrongly_placed_label_gets_the_opposite_verdict():
+    features, labels, shared = synthetic_case()
+    subsets = probe.channel_subsets(~shared, 4, np.ones(8, bool))   # swap the sets
+    result = probe.run_probes(labels, features, subsets, PROBE_CFG)
+    assert result['emotion']['claim']['agrees'] is False
+    assert result['emotion']['claim']['verdict'].startswith('against the claim')
+
+
+def test_an_empty_shared_set_is_reported_not_crashed_on():
+    features, labels, _ = synthetic_case(n_train=60, n_test=30)
+    subsets = probe.channel_subsets(np.zeros(8, bool), 4, np.ones(8, bool))
+    result = probe.run_probes(labels, features, subsets, PROBE_CFG)
+    for r in result.values():
+        assert r['subsets']['shared'] == {'empty': True}
+        assert r['subsets']['image_shared'] == {'empty': True}
+        assert r['claim'] == {'verdict': 'not scored: the shared set is empty', 'agrees': None}
+    report = {'labels': result}
+    assert 'empty' in probe.decodability_table(report)
+    assert 'not scored' in probe.claim_table(report)
+
+
+def test_a_constant_label_is_skipped():
+    features, labels, shared = synthetic_case(n_train=60, n_test=30)
+    flat = probe.Label('gain_db', 'continuous', 'emotion-irrelevant', np.zeros(60),
+                       np.zeros(30))
+    subsets = probe.channel_subsets(shared, 4, np.ones(8, bool))
+    result = probe.run_probes([flat], features, subsets, PROBE_CFG)
+    assert result['gain_db']['skipped'] == 'constant in train and test'
+
+
+def test_roles_of_labels():
+    assert probe.label_role('emotion') == probe.label_role('voice_pitch_st') \
+        == 'emotion-relevant'
+    for name in ('actor', 'skin_g', 'pitch_shift_st', 'race', 'user', 'actor_f0_hz'):
+        assert probe.label_role(name) == 'emotion-irrelevant'
+    assert probe.label_role('f0_hz') == 'mixed'
+
+
+# ----------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope='module')
+def workdir(twin, tmp_path_factory):
+    path = tmp_path_factory.mktemp('probe')
+    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2,
+                             cache_dir=path / 'cache', progress=False)
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny_run(workdir):
+    main.main(args(workdir, '--num_epoch=1'))
+    return newest_run(workdir)
+
+
+def probe_args(workdir, run_dir, *extra):
+    return [*args(workdir), f'--timestamp={run_dir.name}', '--bootstrap=50', *extra]
+
+
+def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(workdir, tiny_run):
+    out, report = probe.run(probe_args(workdir, tiny_run, '--probe_epochs=1',
+                                       '--probe_items=3'))
+    assert out.parent == tiny_run and out.name.startswith('probe-')
+    for name in ('probe.json', 'probe.md', 'decodability.png', 'recon_image.png',
+                 'recon_audio.png'):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / 'probe.json').read_text())
+    assert set(saved['reconstruction']['mse']) == {
+        *probe.VARIANT_TITLES.values(), 'shared only, tuned decoders',
+        'private only, tuned decoders'}
+    labels = saved['labels']
+    assert {'emotion', 'actor', 'gender', 'sentence', 'pitch_shift_st', 'skin_r'} <= set(labels)
+    assert labels['emotion']['kind'] == 'class' and labels['light']['kind'] == 'continuous'
+    assert 'Probe of the saved model' in (tiny_run / 'log.txt').read_text()
+    again, _ = probe.run(probe_args(workdir, tiny_run, '--probe_epochs=1', '--probe_items=3'))
+    assert again != out
+    assert (again / 'probe.json').read_text() == (out / 'probe.json').read_text()
+    assert (again / 'probe.md').read_text() == (out / 'probe.md').read_text()
+
+
+def fake_run(workdir, name, **change):
+    """A run folder holding only a config.json (enough for the checks before work)."""
+    run_dir = workdir / 'results' / name
+    run_dir.mkdir(parents=True)
+    cfg = {**main.header(), 'data_path': str(workdir / 'data'), **change}
+    (run_dir / 'config.json').write_text(json.dumps(cfg))
+    return run_dir
+
+
+@pytest.mark.parametrize('name, change, message', [
+    ('20000101-000002', {'base_type': 2}, 'base_type 2 (no mask); probe.py needs a masked run'),
+    ('20000101-000004', {'base_type': 4}, 'base_type 4 (no mask)'),
+    ('20000101-000000', {}, 'holds no model.pt'),
+])
+def test_runs_that_cannot_be_probed_exit_with_one_line(workdir, name, change, message):
+    run_dir = fake_run(workdir, name, **change)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        probe.run(probe_args(workdir, run_dir))
+    assert list(run_dir.iterdir()) == [run_dir / 'config.json']
+
+
+def test_missing_or_unknown_timestamp_exits(workdir):
+    with pytest.raises(SystemExit, match='needs --timestamp'):
+        probe.run(args(workdir))
+    with pytest.raises(SystemExit, match='no run .20990101-000000.'):
+        probe.run(args(workdir, '--timestamp=20990101-000000'))
+    with pytest.raises(SystemExit, match='probe_epochs=-1'):
+        probe.run(args(workdir, '--timestamp=20990101-000000', '--probe_epochs=-1'))
