@@ -61,11 +61,9 @@ probe_alpha = 1.0           # L2 strength of the ridge probes of continuous fact
 PROBE_KEYS = ('probe_items', 'probe_epochs', 'probe_seed', 'bootstrap', 'probe_C',
               'probe_alpha')
 MASKED_BASE_TYPES = (0, 3)
-# Reconstruction variants: the model.Masker arguments that select each one's codes.
-VARIANTS = {'all': {'keep': 'all'}, 'shared': {'keep': 'shared'},
-            'private': {'keep': 'private'}, 'mixed': {'keep': 'all', 'mix': True}}
-VARIANT_TITLES = {'all': 'all codes', 'shared': 'shared only', 'private': 'private only',
-                  'mixed': 'mixed (shared of i, private of i-1)'}
+# Reconstruction variants: model.Masker's keep argument -> row title.
+VARIANTS = {'all': 'all codes', 'shared': 'shared only', 'private': 'private only',
+            'mix': 'mixed (shared of i, private of i-1)'}
 SUBSETS = ('all', 'shared', 'private', 'image_shared', 'image_private', 'audio_shared',
            'audio_private')
 # What the paper expects of a label (matched by name prefix, first table first):
@@ -168,36 +166,36 @@ def check_run(cfg, run_dir):
                          'the run did not finish an epoch')
 
 
-def shared_channels(raw, threshold_fn, threshold):
-    """(2D,) bool: the channels the mask keeps. Binarizer / ternarizer: a non-zero
-    thresholded value. Attention and randomizer have no fixed binary mask; like the
-    released code's ratios they use the binarizer rule (raw > threshold)."""
-    rule = threshold_fn if threshold_fn in ('binarizer', 'ternarizer') else 'binarizer'
-    threshold = models.DEFAULT_THRESHOLD if threshold is None else threshold
-    return (models.THRESHOLD_FUNCTIONS[rule](raw.float().cpu(), threshold) != 0).numpy()
+def shared_channels(solver):
+    """(2D,) bool: the channels the trained mask keeps, as model.py counts them
+    (TaskSolver.shared_channels). The randomizer draws a fresh mask at every call,
+    so its raw mask is read with the binarizer rule (raw > threshold) instead."""
+    if solver.threshold_fn == 'randomizer':
+        shared = models.binarizer(solver.mask, solver.threshold)
+    else:
+        shared = solver.shared_channels()
+    return (shared.detach().reshape(-1) != 0).cpu().numpy()
 
 
 def load_probed(cfg, run_dir, runtime):
     """The run's encoders and mask; for base_type 0 a ModelProbe built from them."""
     if (run_dir / 'model.pt').is_file():
         net, epoch = main.load_model(cfg, run_dir, runtime)
-        backbone = net.backbone
-    else:
+        backbone, solver = net.backbone, net.solver
+    else:  # a two-stage run of main_separate.py
         import main_separate
         net, epoch = main_separate.load_two_stage(cfg, run_dir, runtime)
-        backbone = net.vqvae
-    raw = net.get_mask()
+        backbone, solver = net.vqvae, net.solver.solver
     probe = None
     if cfg['base_type'] == 0:
         # The seed's way: the probing model takes the trained VQ-VAEs' weights and,
         # through set_mask, the trained mask.
         probe = runtime.prepare(models.build_probe(ex.model_config(cfg)))
         probe.backbone.load_state_dict(backbone.state_dict())
-        probe.set_mask(raw)
-        backbone = probe.backbone
+        probe.set_mask(net.get_mask())
+        backbone, solver = probe.backbone, probe.solver
     backbone.eval()
-    return Probed(backbone, shared_channels(raw, cfg['threshold_fn'], cfg['threshold']),
-                  probe, epoch)
+    return Probed(backbone, shared_channels(solver), probe, epoch)
 
 
 # ----------------------------------------------------------------------------- codes
@@ -233,8 +231,8 @@ def pooled_codes(backbone, loader, runtime, dim, desc):
 def decoders_of(cfg, probe, tuned):
     """[(row name, Masker, backbone that decodes it)]: the variants, then tuned views."""
     dim = cfg['embedding_dim']
-    rows = [(VARIANT_TITLES[name], models.Masker(embedding_dim=dim, **kwargs), probe.backbone)
-            for name, kwargs in VARIANTS.items()]
+    rows = [(title, models.Masker(embedding_dim=dim, keep=keep), probe.backbone)
+            for keep, title in VARIANTS.items()]
     rows += [(f'{keep} only, tuned decoders', models.Masker(embedding_dim=dim, keep=keep), net)
              for keep, net in tuned.items()]
     return rows
@@ -291,6 +289,7 @@ def fine_tune(cfg, backbone, mask, keep, loader, runtime):
     optimizer = torch.optim.Adam(tuned.decoders.parameters(), lr=cfg['learning_rate'])
     tuned.decoders.train()
     for epoch in range(1, cfg['probe_epochs'] + 1):
+        ex.set_epoch(loader, epoch)
         for image, audio in batches(loader, runtime, f'{keep} decoders, epoch {epoch}'):
             with torch.no_grad(), runtime.autocast():
                 codes = backbone(image, audio, decode=False)

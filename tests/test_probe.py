@@ -13,7 +13,7 @@ import probe
 import read_cremad
 from test_runner import args, newest_run
 
-TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 2,
+TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
         'embedding_dim': 4, 'num_embeddings': 8}
 PROBE_CFG = {'embedding_dim': 4, 'probe_C': 1.0, 'probe_alpha': 1.0, 'probe_seed': 0,
              'bootstrap': 200}
@@ -43,7 +43,7 @@ def test_every_variant_decodes_both_modalities(tiny_probe):
     image, audio = torch.rand(3, 3, 128, 128), torch.randn(3, 1, 256, 256)
     rows = probe.decoders_of(PROBE_CFG, net, {'shared': net.backbone})
     recon = probe.decode_rows(rows, net.backbone, shared, image, audio, CPU)
-    assert list(recon) == [*probe.VARIANT_TITLES.values(), 'shared only, tuned decoders']
+    assert list(recon) == [*probe.VARIANTS.values(), 'shared only, tuned decoders']
     for recon_image, recon_audio in recon.values():
         assert recon_image.shape == (3, 3, 128, 128)
         assert recon_audio.shape == (3, 1, 256, 256)
@@ -54,7 +54,7 @@ def test_mixed_codes_pair_sample_i_with_sample_i_minus_1(tiny_probe):
     (sample 0 takes the last sample's)."""
     _, shared = tiny_probe
     codes = torch.arange(4.).reshape(4, 1, 1, 1).expand(4, 4, 2, 2)  # value = sample index
-    masker = models.Masker(embedding_dim=4, **probe.VARIANTS['mixed'])
+    masker = models.Masker(embedding_dim=4, keep='mix')
     q_image, q_audio = masker(codes, codes + 10, shared)
     for i in range(4):
         for c, keep in enumerate(shared[:4]):
@@ -68,7 +68,7 @@ def test_mixed_reconstruction_decodes_the_mixed_codes(tiny_probe):
     image, audio = torch.rand(3, 3, 128, 128), torch.randn(3, 1, 256, 256)
     rows = probe.decoders_of(PROBE_CFG, net, {})
     mixed = probe.decode_rows(rows, net.backbone, shared, image, audio, CPU)[
-        probe.VARIANT_TITLES['mixed']]
+        probe.VARIANTS['mix']]
     with torch.no_grad():
         q = net.backbone(image, audio, decode=False).quantized_image
         gate = shared[:4].reshape(1, 4, 1, 1)
@@ -80,8 +80,11 @@ def test_mixed_reconstruction_decodes_the_mixed_codes(tiny_probe):
     ('binarizer', [False, False, True, False]), ('ternarizer', [True, False, True, False]),
     ('attention', [False, False, True, False]), ('randomizer', [False, False, True, False])])
 def test_shared_channels_follow_the_threshold_rule(fn, expected):
-    raw = torch.tensor([-0.5, 0.001, 0.2, 0.005])
-    assert probe.shared_channels(raw, fn, None).tolist() == expected
+    """model.py's rule (attention: binarizer rule on the raw values); the randomizer,
+    whose every call draws a new mask, is read with the binarizer rule too."""
+    solver = models.TaskSolver(embedding_dim=4, threshold_fn=fn)
+    solver.set_mask(torch.tensor([-0.5, 0.001, 0.2, 0.005] * 2))
+    assert probe.shared_channels(solver).tolist() == expected * 2
 
 
 # ----------------------------------------------------------------------------- probes
@@ -192,7 +195,7 @@ def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(workdir, tin
         assert (out / name).is_file(), name
     saved = json.loads((out / 'probe.json').read_text())
     assert set(saved['reconstruction']['mse']) == {
-        *probe.VARIANT_TITLES.values(), 'shared only, tuned decoders',
+        *probe.VARIANTS.values(), 'shared only, tuned decoders',
         'private only, tuned decoders'}
     labels = saved['labels']
     assert {'emotion', 'actor', 'gender', 'sentence', 'pitch_shift_st', 'skin_r'} <= set(labels)
