@@ -143,6 +143,7 @@ CHOICES = {
     'bootstrap': _positive_int,
     'probe_C': _positive_float,
     'probe_alpha': _positive_float,
+    'probe_permutations': _non_negative_int,
 }
 
 

@@ -47,6 +47,8 @@ import datasets
 import experiment as ex
 import main
 import model as models
+from configurator import ConfigError
+from errors import BadValueError, run_script
 
 # ------------------------------------------------------------------------------------------
 # config: main.py's header (timestamp names the run; its machine settings apply), plus
@@ -56,10 +58,11 @@ probe_seed = 0              # drives the figure's items, the bootstrap and the f
 bootstrap = 1000            # bootstrap resamples of the test items for every interval
 probe_C = 1.0               # inverse L2 strength of the logistic-regression probes (> 0)
 probe_alpha = 1.0           # L2 strength of the ridge probes of continuous factors (> 0)
+probe_permutations = 20     # random same-size shared/private splits to compare with (0: off)
 # ------------------------------------------------------------------------------------------
 
 PROBE_KEYS = ('probe_items', 'probe_epochs', 'probe_seed', 'bootstrap', 'probe_C',
-              'probe_alpha')
+              'probe_alpha', 'probe_permutations')
 MASKED_BASE_TYPES = (0, 3)
 # Reconstruction variants: model.Masker's keep argument -> row title.
 VARIANTS = {'all': 'all codes', 'shared': 'shared only', 'private': 'private only',
@@ -154,16 +157,13 @@ class Probed(NamedTuple):
 
 
 def check_run(cfg, run_dir):
-    """A user error (one line) unless the run can be probed."""
+    """A BadValueError (one line) unless the run can be probed."""
     if cfg['base_type'] not in MASKED_BASE_TYPES:
-        raise ValueError(f"run {run_dir.name} has base_type {cfg['base_type']} (no mask); "
-                         f"probe.py needs a masked run: base_type 0 or 3")
+        raise BadValueError(f"run {run_dir.name} has base_type {cfg['base_type']} (no mask); "
+                            f"probe.py needs a masked run: base_type 0 or 3")
     if cfg['dataset'] not in LABEL_SOURCES:
-        raise ValueError(f"probe.py has no labels for dataset {cfg['dataset']!r} of run "
-                         f"{run_dir.name}; known: {', '.join(LABEL_SOURCES)}")
-    if not ((run_dir / 'model.pt').is_file() or (run_dir / 'model_solver.pt').is_file()):
-        raise ValueError(f'{run_dir} holds no model.pt (nor model_vae.pt + model_solver.pt): '
-                         'the run did not finish an epoch')
+        raise BadValueError(f"probe.py has no labels for dataset {cfg['dataset']!r} of run "
+                            f"{run_dir.name}; known: {', '.join(LABEL_SOURCES)}")
 
 
 def shared_channels(solver):
@@ -179,7 +179,7 @@ def shared_channels(solver):
 
 def load_probed(cfg, run_dir, runtime):
     """The run's encoders and mask; for base_type 0 a ModelProbe built from them."""
-    if (run_dir / 'model.pt').is_file():
+    if ex.trained_by(run_dir) == 'main.py':
         net, epoch = main.load_model(cfg, run_dir, runtime)
         backbone, solver = net.backbone, net.solver
     else:  # a two-stage run of main_separate.py
@@ -340,6 +340,34 @@ def scores(kind, y, pred, resamples):
     return float(_r2(y, pred)), _r2(y[resamples], pred[resamples])
 
 
+def random_splits(shared, dim, count, seed):
+    """count (2D,) bool masks: each modality's shared channels drawn at random, as
+    many as the learned mask keeps there (the control for the sets' sizes)."""
+    rng = np.random.default_rng(seed)
+    splits = []
+    for _ in range(count):
+        split = np.zeros_like(shared)
+        for start in (0, dim):
+            kept = int(shared[start:start + dim].sum())
+            split[start + rng.choice(dim, kept, replace=False)] = True
+        splits.append(split)
+    return splits
+
+
+def random_diffs(label, features, controls, cfg):
+    """Shared minus private score of the label for each random split's subsets."""
+    diffs = []
+    for subsets in controls:
+        score = {}
+        for name in ('shared', 'private'):
+            channels = subsets[name]
+            pred = fit_predict(label.kind, features['train'][:, channels], label.train,
+                               features['test'][:, channels], cfg)
+            score[name] = scores(label.kind, label.test, pred, np.zeros((0, len(pred)), int))[0]
+        diffs.append(score['shared'] - score['private'])
+    return np.array(diffs)
+
+
 def chance_level(label):
     """Classes: the test share of the most frequent training class; continuous: R^2 0."""
     if label.kind != 'class':
@@ -353,8 +381,9 @@ def interval(samples):
     return float(low), float(high)
 
 
-def probe_label(label, features, subsets, resamples, cfg):
-    """One label's decodability from every subset, and the claim's difference."""
+def probe_label(label, features, subsets, resamples, cfg, controls=()):
+    """One label's decodability from every subset, and the claim's difference
+    (compared with the random splits' subsets `controls`, if any)."""
     constant = [split for split, values in (('train', label.train), ('test', label.test))
                 if len(np.unique(values)) < 2 and (split == 'train' or label.kind != 'class')]
     if constant:  # nothing to fit, or no R^2 to score
@@ -374,7 +403,19 @@ def probe_label(label, features, subsets, resamples, cfg):
         result['subsets'][name] = {'score': score, 'low': low, 'high': high,
                                    'channels': int(channels.sum())}
     result['claim'] = claim(result, boot)
+    if controls and 'diff' in result['claim']:
+        compare(result['claim'], random_diffs(label, features, controls, cfg))
     return result
+
+
+def compare(claim_, diffs):
+    """Add how the learned split's difference ranks among random same-size splits'."""
+    diff = claim_['diff']
+    beyond = 'above' if diff >= diffs.max() else 'below' if diff <= diffs.min() else None
+    claim_['random'] = {'count': len(diffs), 'min': float(diffs.min()),
+                        'max': float(diffs.max()), 'beyond': beyond}
+    claim_['verdict'] += (f'; {"within" if beyond is None else beyond} the range of '
+                          f'{len(diffs)} random same-size splits')
 
 
 def claim(result, boot):
@@ -415,12 +456,12 @@ def skill(result, subset):
     return (part['score'] - result['chance']) / max(1 - result['chance'], 1e-12)
 
 
-def run_probes(labels, features, subsets, cfg):
+def run_probes(labels, features, subsets, cfg, controls=()):
     """{label name: probe_label(...)}, every label against the same resamples."""
     rng = np.random.default_rng(cfg['probe_seed'])
     n = len(features['test'])
     resamples = rng.integers(0, n, size=(cfg['bootstrap'], n))
-    return {label.name: probe_label(label, features, subsets, resamples, cfg)
+    return {label.name: probe_label(label, features, subsets, resamples, cfg, controls)
             for label in tqdm(labels, desc='linear probes', leave=False)}
 
 
@@ -538,26 +579,22 @@ def heatmap(out_dir, report):
 # ----------------------------------------------------------------------------- main
 
 def resolve(argv):
-    """The saved run's config with this header's machine and probe settings."""
+    """The saved run's config with this header's machine and probe settings (a
+    UserError, before any work, for a bad value or a run that cannot be probed)."""
     cfg = main.resolve(header(), argv)
     if not cfg['timestamp']:
-        sys.exit('config error: probe.py needs --timestamp=<run folder name in '
-                 f"{cfg['results_dir']}/>")
-    try:
-        run_dir, saved = main.saved_config(cfg)
-        saved.update({k: cfg[k] for k in PROBE_KEYS})
-        check_run(saved, run_dir)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'config error: {e}')
+        raise ConfigError('needs --timestamp=<a run folder of '
+                          f"{cfg['results_dir']}/>")
+    owner = ex.trained_by(Path(cfg['results_dir']) / cfg['timestamp'])
+    run_dir, saved = main.saved_config(cfg, owner or 'main.py')
+    saved.update({k: cfg[k] for k in PROBE_KEYS})
+    check_run(saved, run_dir)
     return run_dir, saved
 
 
 def load_data(cfg, runtime):
     """Train and test datasets with centre frames, and unshuffled loaders over them."""
-    try:
-        data = ex.make_datasets(cfg, splits=('train', 'test'), train=False)
-    except FileNotFoundError as e:
-        sys.exit(f'config error: {e}')
+    data = ex.make_datasets(cfg, splits=('train', 'test'), train=False)
     return data, {s: ex.make_loader(d, cfg, runtime, train=False) for s, d in data.items()}
 
 
@@ -596,7 +633,10 @@ def probe_run(cfg, run_dir):
     features = {s: pooled_codes(probed.backbone, loaders[s], runtime, dim, f'{s} codes')
                 for s in ('train', 'test')}
     labels = make_labels(LABEL_SOURCES[cfg['dataset']], data['train'], data['test'])
-    subsets = channel_subsets(probed.shared, dim, ~np.isnan(features['train']).any(0))
+    present = ~np.isnan(features['train']).any(0)
+    subsets = channel_subsets(probed.shared, dim, present)
+    controls = [channel_subsets(split, dim, present) for split in random_splits(
+        probed.shared, dim, cfg['probe_permutations'], cfg['probe_seed'])]
     reconstruction, figures = reconstruct(cfg, probed, data, loaders, runtime)
     report = {'run': run_info(cfg, run_dir, probed, data),
               'config': {k: cfg[k] for k in PROBE_KEYS},
@@ -605,7 +645,7 @@ def probe_run(cfg, run_dir):
               'subsets': {s: np.flatnonzero(c).tolist() for s, c in subsets.items()},
               'reconstruction': reconstruction,
               'labels': run_probes(labels, {s: np.nan_to_num(f) for s, f in features.items()},
-                                   subsets, cfg)}
+                                   subsets, cfg, controls)}
     report['summary'] = summary_lines(report)
     return write(run_dir, report, figures), report
 
@@ -642,4 +682,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-    run()
+    run_script(run)

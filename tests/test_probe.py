@@ -2,6 +2,8 @@
 errors, determinism, and one end-to-end probe of a tiny trained run."""
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ import main
 import model as models
 import probe
 import read_cremad
+from conftest import REPO
+from errors import UserError
 from test_runner import args, newest_run
 
 TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
@@ -128,6 +132,21 @@ def test_the_probe_finds_which_channels_carry_each_label():
         assert part['low'] <= part['score'] <= part['high']
 
 
+def test_the_learned_split_is_compared_with_random_same_size_splits():
+    features, labels, shared = synthetic_case()
+    splits = probe.random_splits(shared, 4, 6, seed=0)
+    assert all(s[:4].sum() == 1 and s[4:].sum() == 1 for s in splits)
+    assert len({s.tobytes() for s in splits}) > 1
+    present = np.ones(8, bool)
+    controls = [probe.channel_subsets(s, 4, present) for s in splits]
+    result = probe.run_probes(labels[:1], features, probe.channel_subsets(shared, 4, present),
+                              PROBE_CFG, controls)
+    claim = result['emotion']['claim']
+    assert claim['random']['count'] == 6 and claim['random']['beyond'] == 'above'
+    assert claim['random']['min'] < claim['diff']
+    assert claim['verdict'].endswith('; above the range of 6 random same-size splits')
+
+
 def test_a_wrongly_placed_label_gets_the_opposite_verdict():
     features, labels, shared = synthetic_case()
     subsets = probe.channel_subsets(~shared, 4, np.ones(8, bool))   # swap the sets
@@ -208,30 +227,44 @@ def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(workdir, tin
 
 
 def fake_run(workdir, name, **change):
-    """A run folder holding only a config.json (enough for the checks before work)."""
+    """A run folder with a config.json and, unless change is empty, an (empty)
+    model.pt: enough for the checks made before any work."""
     run_dir = workdir / 'results' / name
     run_dir.mkdir(parents=True)
     cfg = {**main.header(), 'data_path': str(workdir / 'data'), **change}
     (run_dir / 'config.json').write_text(json.dumps(cfg))
+    if change:
+        (run_dir / 'model.pt').write_bytes(b'')
     return run_dir
 
 
 @pytest.mark.parametrize('name, change, message', [
     ('20000101-000002', {'base_type': 2}, 'base_type 2 (no mask); probe.py needs a masked run'),
     ('20000101-000004', {'base_type': 4}, 'base_type 4 (no mask)'),
-    ('20000101-000000', {}, 'holds no model.pt'),
+    ('20000101-000000', {}, 'has no checkpoint (it never trained)'),
 ])
 def test_runs_that_cannot_be_probed_exit_with_one_line(workdir, name, change, message):
     run_dir = fake_run(workdir, name, **change)
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    before = sorted(run_dir.iterdir())
+    with pytest.raises(UserError, match=re.escape(message)):
         probe.run(probe_args(workdir, run_dir))
-    assert list(run_dir.iterdir()) == [run_dir / 'config.json']
+    assert sorted(run_dir.iterdir()) == before
 
 
 def test_missing_or_unknown_timestamp_exits(workdir):
-    with pytest.raises(SystemExit, match='needs --timestamp'):
+    with pytest.raises(UserError, match='needs --timestamp'):
         probe.run(args(workdir))
-    with pytest.raises(SystemExit, match='no run .20990101-000000.'):
+    with pytest.raises(UserError, match='20990101-000000.* does not exist'):
         probe.run(args(workdir, '--timestamp=20990101-000000'))
-    with pytest.raises(SystemExit, match='probe_epochs=-1'):
+    with pytest.raises(UserError, match='probe_epochs=-1'):
         probe.run(args(workdir, '--timestamp=20990101-000000', '--probe_epochs=-1'))
+
+
+def test_the_script_prints_a_user_error_as_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'probe.py'),
+                           f'--results_dir={tmp_path / "results"}'],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f'probe.py: needs --timestamp=<a run folder of {tmp_path / "results"}/>']
+    assert not (tmp_path / 'results').exists()
