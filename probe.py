@@ -78,7 +78,7 @@ IRRELEVANT = ('actor', 'user', 'sentence', 'syllables', 'age', 'gender', 'race',
               'skin', 'hair_', 'background_', 'pitch', 'formant_scale', 'gain_db',
               'noise_rms', 'light', 'head_', 'pixel_noise')
 # ground_truth.csv columns that repeat a dataset label.
-GROUND_TRUTH_SKIP = ('name', 'actor', 'sentence', 'emotion', 'level')
+GROUND_TRUTH_SKIP = ('name', 'actor', 'sentence', 'emotion', 'level')  # CREMA-D's
 CI = (2.5, 97.5)  # percentiles of the 95% bootstrap interval
 
 
@@ -106,21 +106,33 @@ def cremad_labels(dataset):
     return labels
 
 
-# Dataset name -> label source (a function of one split's dataset). RML plugs in
-# here (user, skin colour, pitch) once datasets.py has it.
-LABEL_SOURCES = {'CREMA-D': cremad_labels}
+def rml_labels(dataset):
+    """{name: (values (N,), kind)}: an RML_probe split's emotion and the seed's
+    contradictory labels (skin colour, voice pitch, user), plus a twin's factors."""
+    labels = {name: (dataset.labels[:, k], 'class')
+              for k, name in enumerate(('emotion', 'skin', 'pitch', 'user'))}
+    labels.update(twin_factors(dataset.paths, key=lambda p: f'{p.parent.name}/{p.stem}'))
+    return labels
 
 
-def twin_factors(paths):
-    """{column: (values (N,), 'continuous')} of ground_truth.csv beside the clips'
-    VideoFlash/ folder, for every numeric column; {} for clips not from one twin."""
+# Dataset name of a run -> (dataset probe.py loads, label source of one split's
+# dataset). An RML run is probed through RMLProbeDataset, whose items carry the
+# skin colour, pitch and user labels (-1 where unknown: then constant, skipped).
+LABEL_SOURCES = {'CREMA-D': ('CREMA-D', cremad_labels), 'RML': ('RML_probe', rml_labels),
+                 'RML_probe': ('RML_probe', rml_labels)}
+
+
+def twin_factors(paths, key=lambda p: p.stem):
+    """{column: (values (N,), 'continuous')} of the ground_truth.csv two folders above
+    the clips (a twin's root), for every numeric column; {} for clips not from one
+    twin. key: a clip's path -> its 'name' in that table."""
     roots = {Path(p).parent.parent for p in paths}
     table = roots.pop() / 'ground_truth.csv' if len(roots) == 1 else None
     if table is None or not table.is_file():
         return {}
     with open(table, newline='') as f:
         rows = {r['name']: r for r in csv.DictReader(f)}
-    names = [Path(p).stem for p in paths]
+    names = [key(Path(p)) for p in paths]
     if not names or any(n not in rows for n in names):
         return {}
     factors = {}
@@ -594,7 +606,8 @@ def resolve(argv):
 
 def load_data(cfg, runtime):
     """Train and test datasets with centre frames, and unshuffled loaders over them."""
-    data = ex.make_datasets(cfg, splits=('train', 'test'), train=False)
+    data_cfg = {**cfg, 'dataset': LABEL_SOURCES[cfg['dataset']][0]}
+    data = ex.make_datasets(data_cfg, splits=('train', 'test'), train=False)
     return data, {s: ex.make_loader(d, cfg, runtime, train=False) for s, d in data.items()}
 
 
@@ -632,7 +645,7 @@ def probe_run(cfg, run_dir):
     dim = cfg['embedding_dim']
     features = {s: pooled_codes(probed.backbone, loaders[s], runtime, dim, f'{s} codes')
                 for s in ('train', 'test')}
-    labels = make_labels(LABEL_SOURCES[cfg['dataset']], data['train'], data['test'])
+    labels = make_labels(LABEL_SOURCES[cfg['dataset']][1], data['train'], data['test'])
     present = ~np.isnan(features['train']).any(0)
     subsets = channel_subsets(probed.shared, dim, present)
     controls = [channel_subsets(split, dim, present) for split in random_splits(

@@ -185,6 +185,23 @@ def test_roles_of_labels():
     assert probe.label_role('f0_hz') == 'mixed'
 
 
+def test_rml_labels_and_a_twin_table_found_by_subject_and_name(tmp_path):
+    """RML plugs in by the dataset name: RML_probe's label columns, and the twin's
+    ground_truth.csv rows named SUBJECT/NAME."""
+    from types import SimpleNamespace
+    (tmp_path / 'ground_truth.csv').write_text(
+        'name,subject,light,skin_class\ns1/ha1,s1,0.9,light\ns2/sa1,s2,1.1,dark\n')
+    paths = [str(tmp_path / 's1' / 'ha1.avi'), str(tmp_path / 's2' / 'sa1.avi')]
+    dataset = SimpleNamespace(paths=paths, labels=np.array([[0, 1, 2, 0], [1, 3, 0, 1]]))
+    assert probe.LABEL_SOURCES['RML'][0] == 'RML_probe'
+    labels = probe.LABEL_SOURCES['RML'][1](dataset)
+    assert list(labels) == ['emotion', 'skin', 'pitch', 'user', 'light']
+    assert labels['user'][0].tolist() == [0, 1] and labels['user'][1] == 'class'
+    assert labels['light'][0].tolist() == [0.9, 1.1] and labels['light'][1] == 'continuous'
+    assert [probe.label_role(n) for n in ('skin', 'pitch', 'user')] == \
+        ['emotion-irrelevant'] * 3
+
+
 # ----------------------------------------------------------------------------- runs
 
 @pytest.fixture(scope='module')
