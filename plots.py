@@ -211,3 +211,22 @@ def plot_decodability(path, values, labels, columns, title):
     ax.set_yticklabels(labels, fontsize=8)
     fig.colorbar(image, ax=ax, label='skill (0 chance, 1 perfect)')
     _save(fig, Path(path))
+
+
+def plot_sweep(path, names, metrics):
+    """A sweep's bar plot: per setting, the mean of each metric with +-sd error bars.
+
+    metrics: {metric name: [(mean, sd) per setting]} with values in [0, 1].
+    """
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
+    width = 0.8 / max(len(metrics), 1)
+    x = np.arange(len(names))
+    for i, (metric, values) in enumerate(metrics.items()):
+        means = 100 * np.array([m for m, _ in values])
+        sds = 100 * np.nan_to_num(np.array([s for _, s in values]))
+        ax.bar(x + (i - (len(metrics) - 1) / 2) * width, means, width, yerr=sds, capsize=3,
+               label=metric)
+    ax.set_xticks(x, names, rotation=20, ha='right', fontsize=8)
+    ax.set(ylabel='%', title='test metrics per setting (mean +- sd over seeds)')
+    ax.legend()
+    _save(fig, Path(path))

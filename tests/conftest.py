@@ -40,3 +40,23 @@ def rml_twin(tmp_path_factory):
     root = tmp_path_factory.mktemp('rml') / 'RML'
     synth_rml.generate(root=root, workers=2, progress=False, **TINY_RML)
     return root
+
+
+# Tiny widths and 1-2 epochs: the workflow tests check behaviour, not accuracy.
+TINY_RUN = ['--num_hiddens=16', '--num_residual_hiddens=4', '--embedding_dim=8',
+            '--num_embeddings=16', '--batch_size=16', '--num_workers=0']
+
+
+@pytest.fixture(scope='session')
+def tiny_splits(twin, tmp_path_factory):
+    """Split configs and a cache of the tiny twin: main.py arguments that use them
+    (results in a fresh folder per call of the returned function)."""
+    import read_cremad
+    path = tmp_path_factory.mktemp('tiny_splits')
+    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2,
+                             cache_dir=path / 'cache', progress=False)
+
+    def args(results, *extra):
+        return [f'--data_path={path / "data"}', f'--cache_dir={path / "cache"}',
+                f'--results_dir={results}', *TINY_RUN, *extra]
+    return args

@@ -1,0 +1,402 @@
+"""Run a grid of main.py settings over seeds and tabulate it with paired statistics.
+
+    python sweep.py configs/demo.py --base_type=0,1,2,3 --seed=0,1,2
+    python sweep.py configs/demo.py configs/ablation.py   # a list in a file is a grid axis
+    python sweep.py --summarize=sweeps/20261121-101500     # rebuild the tables of a sweep
+    python sweep.py --summarize=20261121-101500,20261121-102233   # or of these runs
+
+Every `--key=value` other than the sweep's own constants below is a main.py
+constant; `--key=v1,v2,...` (or a list in a config file) makes it a grid axis. Each
+combination is an ordinary main.py run in results_dir/<timestamp>/. A combination
+that already has a finished run (a run folder with metrics.json whose config equals
+the combination's, machine settings aside) is not run again: re-running the same
+command resumes a sweep. Every combination is checked before any run starts.
+
+The sweep writes sweep_dir/<YYYYmmdd-HHMMSS>/:
+  runs.csv    one row per run: the varied settings, seed, test accuracy, macro-F1,
+              mask ratios, best epoch, run folder
+  table.md    per setting: mean +- sd over seeds and n; per comparison with the
+  table.csv   reference (the proposed model, base_type 0, with the same other
+              settings): the paired difference over the seeds both have, its 95%
+              t-based CI, the paired t-test (scipy.stats.ttest_rel) and, from
+              WILCOXON_MIN_N pairs on, the Wilcoxon signed-rank test
+  sweep.png   accuracy and macro-F1 per setting, bars with sd error bars
+"""
+import csv
+import io
+import itertools
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import torch
+from scipy import stats
+
+import atomic
+import configurator
+import experiment as ex
+import main
+
+# ------------------------------------------------------------------------------------------
+# config: the sweep's own constants; any other --key is a main.py constant (see above)
+summarize = None            # None: run the grid; a sweep folder, or comma-separated run
+#                             folders / timestamps (in results_dir): only rebuild the tables
+sweep_dir = 'sweeps'        # tables go to sweep_dir/<YYYYmmdd-HHMMSS>/
+jobs = 0                    # 0: one run per GPU when several, else one at a time in this
+#                             process; N > 0: N runs at a time, each in a subprocess
+# ------------------------------------------------------------------------------------------
+
+WILCOXON_MIN_N = 6          # below 6 pairs no two-sided Wilcoxon p can reach 0.05
+METRICS = ('accuracy', 'macro_f1')
+MASK_KEYS = ('private1', 'shared1', 'private2', 'shared2', 'complementarity')
+REFERENCE = ('base_type', 0)  # the proposed model, when base_type varies
+
+
+def _sweep_choices():
+    def _jobs(v):
+        """an int >= 0"""
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return {'jobs': _jobs}
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def split_argv(argv, own_keys):
+    """argv -> (the sweep's own overrides, main.py axes {key: [values]}).
+
+    Config files contribute their assignments (a list is an axis); --key=v1,v2
+    is an axis of the comma-separated values, each parsed as a Python literal.
+    """
+    own, axes = [], {}
+    for arg in argv:
+        if not arg.startswith('--'):
+            for key, value in configurator.read_config_file(arg).items():
+                axes[key] = list(value) if isinstance(value, list) else [value]
+            continue
+        key, sep, text = arg[2:].partition('=')
+        if not sep:
+            raise configurator.ConfigError(f'{arg!r}: overrides are written --key=value')
+        if key in own_keys:
+            own.append(arg)
+        else:
+            axes[key] = [configurator.parse_value(t) for t in text.split(',')]
+    return own, axes
+
+
+def combinations(axes):
+    """Every combination of the axes, as a list of {key: value}, in axis order."""
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def run_argv(combo):
+    """The main.py arguments of one combination (values written as Python literals)."""
+    return [f'--{k}={v!r}' for k, v in combo.items()]
+
+
+def resolve_all(combos):
+    """Every combination's resolved config, or ConfigError naming the bad one."""
+    cfgs = []
+    for combo in combos:
+        try:
+            cfg = configurator.configure(main.header(), run_argv(combo), ex.CHOICES)
+            ex.check_config(cfg)
+        except ValueError as e:
+            raise configurator.ConfigError(f'{e} (in combination {combo})') from None
+        if cfg['timestamp']:
+            raise configurator.ConfigError('a sweep trains: timestamp must be None')
+        cfgs.append(cfg)
+    return cfgs
+
+
+# ----------------------------------------------------------------------------- runs
+
+def comparable(cfg):
+    """The settings that define a run's result (machine settings and message aside)."""
+    keys = set(cfg) - set(main._RUNTIME_KEYS)
+    return json.loads(json.dumps({k: cfg[k] for k in sorted(keys)}))
+
+
+def finished_runs(results_dir):
+    """{run folder: comparable config} of every run in results_dir with metrics.json."""
+    runs = {}
+    for path in sorted(Path(results_dir).glob('*/metrics.json')):
+        try:
+            runs[path.parent] = comparable(json.loads((path.parent / 'config.json').read_text()))
+        except (OSError, ValueError):
+            continue  # a folder that is not a run
+    return runs
+
+
+def find_run(cfg, runs):
+    """The newest finished run with cfg's settings, or None."""
+    want = comparable(cfg)
+    matches = [path for path, saved in runs.items() if saved == want]
+    return max(matches, key=lambda p: p.name) if matches else None
+
+
+def run_in_process(combo, device=None):
+    main.main(run_argv(combo))
+
+
+def run_subprocess(combo, device=None):
+    extra = [f'--device={device!r}'] if device else []
+    subprocess.run([sys.executable, str(Path(__file__).with_name('main.py')),
+                    *run_argv(combo), *extra], check=True)
+
+
+def run_grid(combos, cfgs, jobs):
+    """Run each combination without a finished run; returns the failures' messages."""
+    todo = [(c, cfg) for c, cfg in zip(combos, cfgs, strict=True)
+            if find_run(cfg, finished_runs(cfg['results_dir'])) is None]
+    print(f'sweep: {len(combos)} combinations, {len(combos) - len(todo)} already finished, '
+          f'{len(todo)} to run')
+    gpus = torch.cuda.device_count()
+    parallel = jobs or (gpus if gpus > 1 else 0)
+    runner = run_subprocess if parallel else run_in_process
+    devices = Queue()
+    for i in range(max(parallel, 1)):
+        # one GPU per concurrent run where the device setting leaves the choice open
+        devices.put(f'cuda:{i % gpus}' if gpus > 1 else None)
+
+    def one(item):
+        combo, cfg = item
+        device = devices.get()
+        device = device if cfg['device'] in ('auto', 'cuda') else None
+        try:
+            runner(combo, device)
+            return None
+        except (Exception, SystemExit) as e:  # one failed run must not end the sweep
+            return f'{combo}: {type(e).__name__}: {e}'
+        finally:
+            devices.put(device)
+    if parallel:
+        with ThreadPoolExecutor(parallel) as pool:
+            failures = list(pool.map(one, todo))
+    else:
+        failures = [one(item) for item in todo]
+    return [f for f in failures if f]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def describe(values):
+    """mean, sample sd (ddof 1; nan for one value) and n."""
+    values = np.asarray(values, float)
+    sd = float(values.std(ddof=1)) if len(values) > 1 else float('nan')
+    return {'mean': float(values.mean()), 'sd': sd, 'n': len(values)}
+
+
+def paired(values, reference, level=0.95):
+    """Paired comparison of two equally long lists (pairs = same seed).
+
+    diff = mean(values - reference) with its t-based `level` CI, the paired
+    t-test and, with at least WILCOXON_MIN_N pairs, the Wilcoxon signed-rank test.
+    """
+    d = np.asarray(values, float) - np.asarray(reference, float)
+    n = len(d)
+    out = {'n': n, 'diff': float(d.mean()), 'ci_low': float('nan'), 'ci_high': float('nan'),
+           'p_ttest': float('nan'), 'p_wilcoxon': float('nan')}
+    if n > 1:
+        half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+        out['ci_low'], out['ci_high'] = out['diff'] - half, out['diff'] + half
+        if d.std() > 0:
+            out['p_ttest'] = float(stats.ttest_rel(values, reference).pvalue)
+    if n >= WILCOXON_MIN_N and np.any(d != 0):
+        out['p_wilcoxon'] = float(stats.wilcoxon(values, reference).pvalue)
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+def run_row(run_dir):
+    """One runs.csv row from a finished run folder: its config and test metrics."""
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    test = metrics['test']
+    mask = test.get('mask') or {}
+    return {'config': comparable(cfg), 'seed': cfg['seed'], 'run': str(run_dir),
+            'accuracy': test['accuracy'], 'macro_f1': test['macro_f1'],
+            **{k: mask.get(k) for k in MASK_KEYS}, 'best_epoch': metrics.get('best_epoch')}
+
+
+def varied_keys(rows):
+    """The settings that differ between rows, seed aside, in a stable order."""
+    keys = sorted({k for r in rows for k in r['config']} - {'seed'})
+    return [k for k in keys if len({json.dumps(r['config'].get(k)) for r in rows}) > 1]
+
+
+def setting_of(row, keys):
+    return tuple((k, row['config'].get(k)) for k in keys)
+
+
+def setting_name(setting):
+    return ', '.join(f'{k}={v}' for k, v in setting) or 'all runs'
+
+
+def reference_for(keys, groups):
+    """(key, value) of the reference: base_type 0 where base_type varies, else the
+    first setting's value of the first varied key."""
+    if REFERENCE[0] in keys:
+        return REFERENCE
+    return keys[0], next(iter(groups))[0][1]
+
+
+def summarize_rows(rows):
+    """Per-setting summaries and paired comparisons -> (keys, settings, comparisons)."""
+    keys = varied_keys(rows)
+    groups = {}
+    for row in rows:
+        groups.setdefault(setting_of(row, keys), {})[row['seed']] = row  # newest wins
+    settings = [{'setting': s, **{m: describe([r[m] for r in g.values()]) for m in METRICS},
+                 'seeds': sorted(g)} for s, g in groups.items()]
+    comparisons = []
+    if keys:
+        key, value = reference_for(keys, groups)
+        for s, g in groups.items():
+            ref = tuple((k, value if k == key else v) for k, v in s)
+            if ref == s or ref not in groups:
+                continue
+            seeds = sorted(set(g) & set(groups[ref]))
+            comparisons.append({'setting': s, 'reference': ref, 'seeds': seeds, **{
+                m: paired([g[i][m] for i in seeds], [groups[ref][i][m] for i in seeds])
+                for m in METRICS}})
+    return keys, settings, comparisons
+
+
+def _pct(x, signed=False):
+    return 'n/a' if x is None or np.isnan(x) else f'{100 * x:{"+" if signed else ""}.2f}'
+
+
+def _p(x):
+    return 'n/a' if np.isnan(x) else f'{x:.3g}'
+
+
+def table_md(settings, comparisons):
+    """table.md: settings (mean +- sd in %), then the paired comparisons."""
+    lines = ['| setting | n | test accuracy % (mean +- sd) | macro-F1 % (mean +- sd) |',
+             '|---|---|---|---|']
+    for s in settings:
+        lines.append(f"| {setting_name(s['setting'])} | {s['accuracy']['n']} | "
+                     + ' | '.join(f"{_pct(s[m]['mean'])} +- {_pct(s[m]['sd'])}"
+                                  for m in METRICS) + ' |')
+    if comparisons:
+        lines += ['', '| setting - reference | pairs | metric | difference % (95% CI) | '
+                  'paired t-test p | Wilcoxon p |', '|---|---|---|---|---|---|']
+        for c in comparisons:
+            for m in METRICS:
+                p = c[m]
+                lines.append(f"| {setting_name(c['setting'])} - {setting_name(c['reference'])}"
+                             f" | {p['n']} | {m} | {_pct(p['diff'], True)} "
+                             f"({_pct(p['ci_low'], True)}, {_pct(p['ci_high'], True)}) | "
+                             f"{_p(p['p_ttest'])} | {_p(p['p_wilcoxon'])} |")
+    return '\n'.join(lines) + '\n'
+
+
+def table_csv(keys, settings, comparisons):
+    """table.csv: one row per setting; the comparison columns are empty for a reference."""
+    by_setting = {c['setting']: c for c in comparisons}
+    fields = [*keys, 'n', 'seeds', *[f'{m}_{q}' for m in METRICS for q in ('mean', 'sd')],
+              *[f'{m}_{q}' for m in METRICS
+                for q in ('diff', 'ci_low', 'ci_high', 'p_ttest', 'p_wilcoxon')], 'reference']
+    rows = []
+    for s in settings:
+        row = {**dict(s['setting']), 'n': s['accuracy']['n'], 'seeds': ' '.join(
+            map(str, s['seeds']))}
+        for m in METRICS:
+            row[f'{m}_mean'], row[f'{m}_sd'] = s[m]['mean'], s[m]['sd']
+        c = by_setting.get(s['setting'])
+        if c:
+            for m in METRICS:
+                for q in ('diff', 'ci_low', 'ci_high', 'p_ttest', 'p_wilcoxon'):
+                    row[f'{m}_{q}'] = c[m][q]
+            row['reference'] = setting_name(c['reference'])
+        rows.append(row)
+    return _csv(fields, rows)
+
+
+def runs_csv(keys, rows):
+    fields = [*keys, 'seed', *METRICS, *MASK_KEYS, 'best_epoch', 'run']
+    return _csv(fields, [{**{k: r['config'].get(k) for k in keys}, **r} for r in rows])
+
+
+def _csv(fields, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(out_dir, run_dirs):
+    """runs.csv, table.md, table.csv and sweep.png of these finished runs in out_dir."""
+    import plots
+    rows = [run_row(Path(p)) for p in run_dirs]
+    keys, settings, comparisons = summarize_rows(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(out_dir / 'runs.csv', runs_csv(keys, rows))
+    atomic.write_bytes(out_dir / 'table.csv', table_csv(keys, settings, comparisons))
+    md = table_md(settings, comparisons)
+    atomic.write_bytes(out_dir / 'table.md', md)
+    plots.plot_sweep(out_dir / 'sweep.png', [setting_name(s['setting']) for s in settings],
+                     {m: [(s[m]['mean'], s[m]['sd']) for s in settings] for m in METRICS})
+    return md
+
+
+# ----------------------------------------------------------------------------- entry
+
+def runs_to_summarize(spec, results_dir):
+    """A sweep folder (its runs.csv) or comma-separated run folders / timestamps."""
+    path = Path(spec)
+    if (path / 'runs.csv').is_file():
+        with open(path / 'runs.csv') as f:
+            runs = [Path(r['run']) for r in csv.DictReader(f)]
+    else:
+        runs = [Path(p) if Path(p).is_dir() else Path(results_dir) / p for p in spec.split(',')]
+    missing = [str(r) for r in runs if not (r / 'metrics.json').is_file()]
+    if missing:
+        raise configurator.ConfigError(f'summarize={spec!r}: no finished run (metrics.json) '
+                                       f'in {", ".join(missing)}')
+    return runs
+
+
+def main_sweep(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {'-h', '--help'} & set(argv):
+        print(__doc__)
+        return None
+    defaults = {'summarize': summarize, 'sweep_dir': sweep_dir, 'jobs': jobs}
+    try:
+        own, axes = split_argv(argv, defaults)
+        opts = configurator.configure(defaults, own, _sweep_choices())
+        if opts['summarize']:
+            results_dir = axes.get('results_dir', [main.results_dir])[0]
+            runs = runs_to_summarize(opts['summarize'], results_dir)
+        else:
+            combos = combinations(axes)
+            cfgs = resolve_all(combos)
+    except (configurator.ConfigError, ValueError) as e:
+        sys.exit(f'config error: {e}')
+    out_dir = ex.new_run_dir(opts['sweep_dir'])
+    if not opts['summarize']:
+        failures = run_grid(combos, cfgs, opts['jobs'])
+        runs = [r for r in (find_run(cfg, finished_runs(cfg['results_dir'])) for cfg in cfgs)
+                if r is not None]
+    else:
+        failures = []
+    if runs:
+        print(write_tables(out_dir, runs))
+    print(f'sweep: {len(runs)} runs tabulated in {out_dir}')
+    if failures:
+        sys.exit('sweep: failed runs:\n' + '\n'.join(failures))
+    return out_dir
+
+
+if __name__ == '__main__':
+    main_sweep()
