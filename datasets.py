@@ -141,13 +141,16 @@ def window_indices(num_frames, jitter):
     return np.clip(np.arange(centre - jitter, centre + jitter + 1), 0, num_frames - 1)
 
 
-def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None, size=CLIP_SIZE):
+def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None, size=CLIP_SIZE,
+                audio_transform=None):
     """Decode one clip -> (faces (W, 128, 128, 3) uint8, log-mel (256, 256) float32).
 
     offsets: frame offsets from the centre to crop (default: the whole window
     -jitter..+jitter, W = 2*jitter+1). Out-of-clip indices are clamped. A clip
     that is truncated, too short, has no audio or frames other than size
     (width, height) raises MediaError (media.check_clip).
+    audio_transform: optional function (mono waveform (N,), rate) -> waveform,
+    applied before the log-mel (robustness.py adds noise there).
     """
     def pick(num_frames):
         indices = window_indices(num_frames, frame_jitter)
@@ -155,7 +158,10 @@ def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None, size=CLIP_S
 
     frames, audio, _, rate = media.read_flv(path, backend, pick, size=size)
     faces = np.stack([media.face_crop(frame) for frame in frames])
-    return faces, media.log_mel(audio.mean(axis=0), rate)
+    mono = audio.mean(axis=0)
+    if audio_transform is not None:
+        mono = audio_transform(mono, rate)
+    return faces, media.log_mel(mono, rate)
 
 
 def to_image(face):

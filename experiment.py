@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import atomic
 import datasets
+import groups as group_metrics
 import model as models
 from errors import BadValueError, MissingError
 from read_variances import read_variances
@@ -134,6 +135,9 @@ CHOICES = {
     'reset_mask': (False, True),
     'audio_geometry': (None, *datasets.AUDIO_GEOMETRIES),
     'twin_actors': _non_negative_int,
+    'robustness': (False, True),
+    'resume': _timestamp,
+    'tensorboard': (False, True),
     'num_epoch_vae': _optional_positive_int,
     'num_epoch_solver': _optional_positive_int,
     # probe.py
@@ -588,8 +592,10 @@ def classification_metrics(preds, targets, num_classes, names=datasets.EMOTIONS)
             'confusion_matrix': cm.tolist(), 'num_samples': int(cm.sum())}
 
 
-def evaluate(model, loader, runtime, variances, cfg, desc='test'):
+def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks.
+
+    groups: also the accuracy per gender, race, age group and actor (groups.py).
 
     The seeding happens on a forked RNG so that training, which calls this every
     epoch, does not restart its dropout and mask draws from the same state."""
@@ -601,15 +607,29 @@ def evaluate(model, loader, runtime, variances, cfg, desc='test'):
     if len(preds):
         names = datasets.CLASS_NAMES[cfg['dataset']]
         metrics.update(classification_metrics(preds, targets, len(names), names))
+        if groups:
+            metrics['groups'] = split_groups(loader.dataset, preds, targets)
     metrics['mask'] = model.mask_ratios()
     return metrics
 
 
+def split_groups(dataset, preds, targets):
+    """groups.group_metrics of an evaluation, whose predictions come in split order."""
+    labels = dataset.labels  # (N, 8)
+    if len(preds) != len(labels) or not np.array_equal(targets, labels[:, datasets.EMOTION]):
+        raise RuntimeError('group metrics need one prediction per clip in split order')
+    return group_metrics.group_metrics(preds, targets, labels, dataset.paths)
+
+
 def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=None,
-        monitor='class_error', save=None):
+        monitor='class_error', save=None, last=None, resume=False, on_epoch=None):
     """Train for num_epoch epochs; keep the checkpoint with the lowest val `monitor`.
 
     The checkpoint holds the state_dict of `save` (default: model) with the config.
+    last: path of the training state written after every epoch (save_state);
+    resume: continue from it (the epochs it holds are not trained again).
+    on_epoch: optional hook on_epoch(epoch, train lists, val metrics, model) after
+    each epoch's log block (tblog.TensorBoardLog).
 
     Returns the history: per-iteration train lists and per-epoch val lists, keyed
     like the seed's pickles (class_error, res_recon_error1/2, res_perplexity1/2).
@@ -618,8 +638,11 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['learning_rate'])
     history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
-    best = float('inf')
-    for epoch in range(1, num_epoch + 1):
+    best, first = float('inf'), 1
+    if resume:
+        first, best, history = load_state(last, model, optimizer, loaders, runtime)
+        log(f'Resumed from {last} after epoch {first - 1} (best val {monitor} {best:.4f})')
+    for epoch in range(first, num_epoch + 1):
         start = time.time()
         set_epoch(loaders['train'], epoch)
         train, preds, targets = run_epoch(model, loaders['train'], runtime, variances, cfg,
@@ -634,12 +657,50 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
         history['epoch_seconds'].append(time.time() - start)
         train_acc = float((preds == targets).mean()) if len(preds) else None
         log(epoch_block(epoch, num_epoch, train, train_acc, val, history['epoch_seconds'][-1]))
+        if on_epoch is not None:
+            on_epoch(epoch, train, val, model)
         if val.get(monitor, float('inf')) < best or epoch == 1:
             best = val.get(monitor, float('inf'))
             save_torch(checkpoint, {'model': (save or model).state_dict(), 'config': cfg,
                                     'epoch': epoch, f'val_{monitor}': best})
             log(f'  saved {Path(checkpoint).name} (best val {monitor} {best:.4f})')
+        if last is not None:
+            save_state(last, model, optimizer, loaders, epoch, best, history)
     return history
+
+
+def save_state(path, model, optimizer, loaders, epoch, best, history):
+    """Everything a later epoch depends on, written atomically: model and optimizer
+    state, the epoch done, best-so-far, history, and every RNG state (the training
+    data draws are a function of (seed, epoch) and need none)."""
+    import random
+    save_torch(path, {
+        'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+        'best': best, 'history': history, 'rng': {
+            'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+            'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'loaders': {k: dl.generator.get_state() for k, dl in loaders.items()
+                        if isinstance(getattr(dl, 'generator', None), torch.Generator)}}})
+
+
+def load_state(path, model, optimizer, loaders, runtime):
+    """Restore save_state's file into model, optimizer, loaders and the RNGs;
+    returns (first epoch to train, best-so-far, history)."""
+    import random
+    # our own file: it holds numpy/python RNG states, which weights_only refuses
+    state = torch.load(path, map_location=runtime.device, weights_only=False)
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    rng = state['rng']
+    torch.set_rng_state(rng['torch'].cpu())
+    np.random.set_state(rng['numpy'])
+    random.setstate(rng['python'])
+    if rng['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng['cuda']])
+    for key, generator_state in rng['loaders'].items():
+        loaders[key].generator.set_state(generator_state.cpu())
+    return state['epoch'] + 1, state['best'], state['history']
 
 
 def epoch_block(epoch, num_epoch, train, train_acc, val, seconds):
@@ -671,6 +732,8 @@ def test_block(metrics, title='Test'):
     lines.append('  confusion (rows truth, cols predicted): '
                  + ' | '.join(' '.join(f'{n:3d}' for n in row)
                               for row in metrics['confusion_matrix']))
+    if metrics.get('groups'):
+        lines += group_metrics.group_lines(metrics['groups'])
     if metrics.get('mask'):
         lines.append('  mask: ' + ', '.join(f'{k} {v:.1f}%' for k, v in metrics['mask'].items()))
     return '\n'.join(lines)

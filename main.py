@@ -20,7 +20,7 @@ import datasets
 import experiment as ex
 import model as models
 from configurator import ConfigError, configure
-from errors import UserError, one_line, run_script
+from errors import BadValueError, MissingError, UserError, one_line, run_script
 import transfer
 from read_variances import read_variances
 
@@ -72,6 +72,12 @@ data_on_gpu = False         # CUDA + cache: keep the cached arrays on the GPU, s
 frame_jitter = None         # training frame within +-frame_jitter of the centre frame;
 #                             None: the dataset's (CREMA-D 15, RML 22)
 results_dir = 'results'     # run folders go to results_dir/<timestamp>
+tensorboard = False         # True: also log per-epoch scalars, the mask and reconstructions
+#                             to results_dir/<run>/tb/ (tensorboard --logdir ...)
+resume = None               # 'YYYYmmdd-HHMMSS': continue that interrupted training run from
+#                             its last.pt (its own config; machine settings from here)
+robustness = False          # with timestamp: test the saved run with a modality removed or
+#                             corrupted (robustness.py), instead of the plain re-evaluation
 twin_actors = 0             # > 0: if data_path is missing, synthesize a twin of this many
 #                             actors at twin_root and build its split configs (the demo)
 twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
@@ -80,7 +86,8 @@ twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
 # Settings of the machine, not of the model: evaluating a saved run takes these
 # from the current header and everything else from the run's config.json.
 _RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
-                'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root')
+                'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root', 'robustness',
+                'resume', 'tensorboard')
 
 
 def header():
@@ -134,16 +141,23 @@ def logged(fn):
 
 
 @logged
-def train(cfg, run_dir, log):
+def train(cfg, run_dir, log, resume=False):
     runtime, loaders, variances = ex.setup(cfg, log)
     net = runtime.prepare(models.build_model(ex.model_config(cfg)))
     log(f'Model: {type(net).__name__}, {models.count_parameters(net):,} trainable parameters')
     if cfg['pretrained']:
         transfer.apply([net], cfg, log)
-    history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt')
+    board = None
+    if cfg['tensorboard']:
+        import tblog
+        board = tblog.TensorBoardLog(run_dir, loaders['val'], runtime)
+    history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt',
+                     last=run_dir / 'last.pt', resume=resume, on_epoch=board)
+    if board:
+        board.close()
     net, best_epoch = load_model(cfg, run_dir, runtime)
     log(f'Best epoch {best_epoch} (lowest val class_error); testing its checkpoint')
-    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg)
+    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg, groups=True)
     log(ex.test_block(test))
     finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
     log(f'Done in {sum(history["epoch_seconds"]):.1f} s of epochs; results in {run_dir}')
@@ -168,10 +182,10 @@ def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
     plots.plot_reconstructions(run_dir, arrays)
 
 
-def saved_config(cfg, script='main.py'):
-    """The saved run's config with this machine's runtime settings; a run that `script`
-    did not train (or that never trained) is a UserError saying what to do."""
-    run_dir = ex.find_run_dir(cfg['results_dir'], cfg['timestamp'], script)
+def saved_config(cfg, script='main.py', key='timestamp'):
+    """The config of the saved run cfg[key] with this machine's runtime settings; a run
+    that `script` did not train (or that never trained) is a UserError saying what to do."""
+    run_dir = ex.find_run_dir(cfg['results_dir'], cfg[key], script)
     saved = json.loads((run_dir / 'config.json').read_text())
     # Runs saved before recon_loss existed trained with the variance-normalised loss.
     saved.setdefault('recon_loss', 'mse/var')
@@ -196,7 +210,8 @@ def evaluate_saved(cfg, run_dir, log, load=load_model):
     runtime = ex.Runtime(cfg)
     loader = ex.make_loaders(cfg, runtime, splits=('test',))['test']
     net, epoch = load(cfg, run_dir, runtime)
-    test = ex.evaluate(net, loader, runtime, read_variances(cfg['data_path']), cfg)
+    test = ex.evaluate(net, loader, runtime, read_variances(cfg['data_path']), cfg,
+                       groups=True)
     log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'))
     name = f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
     ex.save_json(run_dir / name, {'test': test, 'config': cfg})
@@ -213,12 +228,38 @@ def prepare_data(cfg):
                                  frame_jitter=ex.frame_jitter(cfg), num_actors=cfg['twin_actors'])
 
 
+def resumable(cfg):
+    """(run folder, config) of the interrupted run cfg['resume'], or a UserError saying
+    why it cannot go on."""
+    run_dir, cfg = saved_config(cfg, key='resume')
+    if (run_dir / 'metrics.json').is_file():
+        raise BadValueError(f'resume={cfg["resume"]!r}: that run finished (metrics.json '
+                            'exists); nothing to resume')
+    if not (run_dir / 'last.pt').is_file():
+        raise MissingError(f'resume={cfg["resume"]!r}: {run_dir / "last.pt"} is missing '
+                           '(the run stopped before its first epoch ended); start a new run')
+    return run_dir, cfg
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = resolve(header(), argv)
+    if cfg['timestamp'] and cfg['resume']:
+        raise ConfigError('give timestamp (evaluate a run) or resume (continue one), '
+                          'not both')
     if cfg['timestamp']:
         run_dir, cfg = saved_config(cfg)
+        if cfg['robustness']:
+            import robustness
+            return robustness.evaluate_robustness(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
         return evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
+    if cfg['robustness']:
+        raise ConfigError('robustness=True evaluates a saved run: give --timestamp=<run>')
+    if cfg['resume']:
+        run_dir, cfg = resumable(cfg)
+        log = ex.Log(run_dir / 'log.txt')
+        log(f'Resuming the run, {time.strftime("%Y-%m-%d %H:%M:%S")}: argv {argv}')
+        return train(cfg, run_dir, log, True)
     prepare_data(cfg)
     run_dir, log = start_run(cfg, argv)
     return train(cfg, run_dir, log)

@@ -102,7 +102,7 @@ def train(cfg, run_dir, log):
                      num_epoch=cfg['num_epoch_solver'], save=solver)
     net, best_epoch = load_two_stage(cfg, run_dir, runtime)
     log(f'Best stage-2 epoch {best_epoch}; testing its checkpoint')
-    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg)
+    test = ex.evaluate(net, loaders['test'], runtime, variances, cfg, groups=True)
     log(ex.test_block(test))
     main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
     log(f'Done; results in {run_dir}')
@@ -126,6 +126,8 @@ def resolve(argv):
 def run(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = resolve(argv)
+    if cfg['robustness'] or cfg['resume']:
+        raise ConfigError('robustness and resume apply to main.py runs only')
     if cfg['timestamp']:
         run_dir, cfg = main.saved_config(cfg, 'main_separate.py')
         return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'),

@@ -230,3 +230,30 @@ def plot_sweep(path, names, metrics):
     ax.set(ylabel='%', title='test metrics per setting (mean +- sd over seeds)')
     ax.legend()
     _save(fig, Path(path))
+
+
+def plot_robustness(path, results):
+    """robustness.png: test accuracy against corruption strength, one panel per kind,
+    with the clean accuracy and the modality's removals as horizontal lines.
+
+    results: robustness.json's list of {modality, corruption, level, accuracy}.
+    """
+    clean = next(r['accuracy'] for r in results if r['corruption'] == 'clean')
+    graded = [(m, c) for m, c in dict.fromkeys((r['modality'], r['corruption'])
+                                               for r in results if r['level'] is not None)]
+    fig, axes = plt.subplots(1, len(graded), figsize=(4.5 * len(graded), 3.8), squeeze=False)
+    for ax, (modality, corruption) in zip(axes[0], graded, strict=True):
+        points = [(r['level'], r['accuracy']) for r in results
+                  if (r['modality'], r['corruption']) == (modality, corruption)]
+        ax.plot(*zip(*points, strict=True), 'o-', label=f'{modality} {corruption.split()[0]}')
+        ax.axhline(clean, color='black', ls='-', lw=0.8, label='clean')
+        for r in results:
+            if r['modality'] == modality and r['level'] is None:
+                ax.axhline(r['accuracy'], ls='--', lw=0.8, color='tab:red'
+                           if 'zeros' in r['corruption'] else 'tab:purple',
+                           label=f'{modality} {r["corruption"]}')
+        if corruption.startswith('SNR'):
+            ax.invert_xaxis()  # stronger noise to the right, as in the other panels
+        ax.set(xlabel=f'{modality} {corruption}', ylabel='test accuracy', ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    _save(fig, Path(path))

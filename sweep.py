@@ -40,6 +40,7 @@ import atomic
 import configurator
 import experiment as ex
 import main
+from errors import UserError, run_script
 
 # ------------------------------------------------------------------------------------------
 # config: the sweep's own constants; any other --key is a main.py constant (see above)
@@ -372,17 +373,14 @@ def main_sweep(argv=None):
         print(__doc__)
         return None
     defaults = {'summarize': summarize, 'sweep_dir': sweep_dir, 'jobs': jobs}
-    try:
-        own, axes = split_argv(argv, defaults)
-        opts = configurator.configure(defaults, own, _sweep_choices())
-        if opts['summarize']:
-            results_dir = axes.get('results_dir', [main.results_dir])[0]
-            runs = runs_to_summarize(opts['summarize'], results_dir)
-        else:
-            combos = combinations(axes)
-            cfgs = resolve_all(combos)
-    except (configurator.ConfigError, ValueError) as e:
-        sys.exit(f'config error: {e}')
+    own, axes = split_argv(argv, defaults)
+    opts = configurator.configure(defaults, own, _sweep_choices())
+    if opts['summarize']:
+        results_dir = axes.get('results_dir', [main.results_dir])[0]
+        runs = runs_to_summarize(opts['summarize'], results_dir)
+    else:
+        combos = combinations(axes)
+        cfgs = resolve_all(combos)
     out_dir = ex.new_run_dir(opts['sweep_dir'])
     if not opts['summarize']:
         failures = run_grid(combos, cfgs, opts['jobs'])
@@ -394,9 +392,10 @@ def main_sweep(argv=None):
         print(write_tables(out_dir, runs))
     print(f'sweep: {len(runs)} runs tabulated in {out_dir}')
     if failures:
-        sys.exit('sweep: failed runs:\n' + '\n'.join(failures))
+        raise UserError(f'{len(failures)} runs failed (the others are tabulated): '
+                        + '; '.join(failures))
     return out_dir
 
 
 if __name__ == '__main__':
-    main_sweep()
+    run_script(main_sweep)

@@ -1,0 +1,116 @@
+"""Predict the emotion of single clips with a saved run.
+
+    python predict.py --timestamp=20261121-101500 clip.flv other.mp4 folder/ [--key=value]
+
+A clip is an FLV, AVI or MP4 file (anything PyAV decodes); a folder means every
+such clip in it (sorted, not recursive). Each clip gets the run's own
+preprocessing on its centre frame (the evaluation's: face crop of the centre frame,
+log-mel of the whole mono audio track), so the result is deterministic. main.py's
+machine settings (results_dir, device, ...) apply; every other setting comes from
+the run's config.json. A clip that cannot be read is named and skipped; the rest
+are still predicted. Prints one line per clip and writes
+results_dir/<run>/predict-<YYYYmmdd-HHMMSS>.json:
+    {'run', 'epoch', 'predictions': [{'clip', 'emotion', 'probabilities': {ANG: p, ...}}],
+     'skipped': [{'clip', 'error'}]}
+Exit status 1 (one line) if no clip could be read.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import datasets
+import experiment as ex
+import main
+import media
+from configurator import ConfigError
+from errors import UserError, run_script
+
+EXTENSIONS = ('.flv', '.avi', '.mp4')
+
+
+def clip_paths(args):
+    """Files as given; a folder -> its files with EXTENSIONS (case-insensitive), sorted."""
+    paths = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)
+        else:
+            paths.append(path)
+    return paths
+
+
+def preprocess(path, cfg):
+    """A clip -> (image (1, 3, 128, 128), spectrogram (1, 1, 256, 256)): the run's
+    evaluation item (centre frame) through the dataset's own decode."""
+    # size=None: any frame size (the top-centre square crop adapts to it)
+    faces, spec = datasets.decode_clip(path, ex.frame_jitter(cfg), offsets=[0], size=None)
+    return datasets.to_image(faces[0])[None], datasets.to_spectrogram(spec)[None]
+
+
+@torch.no_grad()
+def predict(net, runtime, cfg, paths):
+    """(predictions, skipped) of these clips; see the module docstring."""
+    net.eval()
+    predictions, skipped = [], []
+    for path in paths:
+        try:
+            image, audio = preprocess(path, cfg)
+        except (media.MediaError, OSError, ValueError) as e:
+            skipped.append({'clip': str(path), 'error': str(e)})
+            print(f'{path}: skipped: {e}', file=sys.stderr)
+            continue
+        image, audio, _ = runtime.to_device((image, audio))
+        with torch.random.fork_rng(devices=[]), runtime.autocast():
+            torch.manual_seed(cfg['seed'])  # the 'randomizer' mask draws, as in evaluate
+            logits = net(image, audio).logits.float()
+        probs = torch.softmax(logits, 1)[0].cpu().tolist()
+        emotion = datasets.EMOTIONS[max(range(len(probs)), key=probs.__getitem__)]
+        predictions.append({'clip': str(path), 'emotion': emotion, 'probabilities': dict(
+            zip(datasets.EMOTIONS, probs, strict=True))})
+        print(f'{path}: {emotion} ' + ' '.join(f'{k} {p:.3f}' for k, p in
+                                               predictions[-1]['probabilities'].items()))
+    return predictions, skipped
+
+
+def load(cfg, run_dir, runtime):
+    """The run's model: a main.py run's model.pt, or a two-stage run's pair."""
+    if (run_dir / 'model_solver.pt').is_file():
+        import main_separate
+        return main_separate.load_two_stage(cfg, run_dir, runtime)
+    return main.load_model(cfg, run_dir, runtime)
+
+
+def run(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {'-h', '--help'} & set(argv):
+        print(__doc__)
+        return None
+    overrides = [a for a in argv if a.startswith('--')]
+    clips = clip_paths(a for a in argv if not a.startswith('--'))
+    cfg = main.resolve(main.header(), overrides)
+    if not cfg['timestamp']:
+        raise ConfigError('predict.py needs a saved run: --timestamp=<run>')
+    if not clips:
+        raise ConfigError('no clip given (files, or folders holding .flv/.avi/.mp4 files)')
+    run_dir, cfg = main.saved_config(cfg)
+    runtime = ex.Runtime(cfg)
+    net, epoch = load(cfg, run_dir, runtime)
+    predictions, skipped = predict(net, runtime, cfg, clips)
+    out = run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
+    for n in range(1, 1000):  # a second call in the same second gets its own file
+        if not out.exists():
+            break
+        out = run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}-{n}.json'
+    ex.save_json(out, {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
+                       'skipped': skipped})
+    print(f'{len(predictions)} predicted, {len(skipped)} skipped; wrote {out}')
+    if not predictions:
+        raise UserError(f'no clip could be read ({len(skipped)} skipped, named above)')
+    return out
+
+
+if __name__ == '__main__':
+    run_script(run)
