@@ -595,7 +595,8 @@ def classification_metrics(preds, targets, num_classes, names=datasets.EMOTIONS)
 def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks.
 
-    groups: also the accuracy per gender, race, age group and actor (groups.py).
+    groups: also the accuracy per gender, race, age group and actor (groups.py;
+    CREMA-D only).
 
     The seeding happens on a forked RNG so that training, which calls this every
     epoch, does not restart its dropout and mask draws from the same state."""
@@ -607,7 +608,7 @@ def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     if len(preds):
         names = datasets.CLASS_NAMES[cfg['dataset']]
         metrics.update(classification_metrics(preds, targets, len(names), names))
-        if groups:
+        if groups and isinstance(loader.dataset, datasets.CREMADDataset):
             metrics['groups'] = split_groups(loader.dataset, preds, targets)
     metrics['mask'] = model.mask_ratios()
     return metrics

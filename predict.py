@@ -96,6 +96,9 @@ def run(argv=None):
     if not clips:
         raise ConfigError('no clip given (files, or folders holding .flv/.avi/.mp4 files)')
     run_dir, cfg = main.saved_config(cfg)
+    if cfg['dataset'] != 'CREMA-D':
+        raise ConfigError(f"predict.py reads CREMA-D-style clips; run {cfg['timestamp']} "
+                          f"was trained on {cfg['dataset']!r}")
     runtime = ex.Runtime(cfg)
     net, epoch = load(cfg, run_dir, runtime)
     predictions, skipped = predict(net, runtime, cfg, clips)

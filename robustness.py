@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 import datasets
 import experiment as ex
 import main
+from configurator import ConfigError
 from errors import run_script
 from read_variances import read_variances
 
@@ -117,6 +118,9 @@ def train_means(cfg, runtime):
 def evaluate_robustness(cfg, run_dir, log):
     """Test the saved model under every condition; write robustness.json/.png."""
     import plots
+    if cfg['dataset'] != 'CREMA-D':
+        raise ConfigError(f"robustness evaluation is for CREMA-D runs; this run was trained "
+                          f"on {cfg['dataset']!r}")
     cfg = {**cfg, 'data_on_gpu': False}  # corrupted items go through a DataLoader
     ex.seed_everything(cfg['seed'])
     runtime = ex.Runtime(cfg)

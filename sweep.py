@@ -105,9 +105,8 @@ def resolve_all(combos):
     cfgs = []
     for combo in combos:
         try:
-            cfg = configurator.configure(main.header(), run_argv(combo), ex.CHOICES)
-            ex.check_config(cfg)
-        except ValueError as e:
+            cfg = main.resolve(main.header(), run_argv(combo))
+        except configurator.ConfigError as e:
             raise configurator.ConfigError(f'{e} (in combination {combo})') from None
         if cfg['timestamp']:
             raise configurator.ConfigError('a sweep trains: timestamp must be None')

@@ -5,6 +5,7 @@ import math
 import pytest
 
 import sweep
+from configurator import ConfigError
 
 
 def test_paired_statistics_match_a_hand_computed_case():
@@ -69,6 +70,6 @@ def test_grid_runs_resumes_and_summarizes(tiny_splits, tmp_path):
 
 
 def test_a_bad_combination_stops_before_any_run(tiny_splits, tmp_path):
-    with pytest.raises(SystemExit, match="base_type=7"):
+    with pytest.raises(ConfigError, match="base_type=7"):
         sweep.main_sweep([*tiny_splits(tmp_path / 'results'), '--base_type=0,7'])
     assert not (tmp_path / 'results').exists()
