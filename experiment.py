@@ -88,6 +88,15 @@ def _frame_jitter(v):
     return v is None or _non_negative_int(v)
 
 
+# The seed's spellings, taken as the project's names.
+DATASET_ALIASES = {'CREMAD': 'CREMA-D'}
+
+
+def _dataset(v):
+    """'CREMA-D' (or the seed's 'CREMAD'), 'RML', 'RML_feat', 'EmoVoxCeleb'"""
+    return DATASET_ALIASES.get(v, v) in models.DATASETS
+
+
 def _device(v):
     """'auto', 'cpu', 'cuda' or 'cuda:N'"""
     return v in ('auto', 'cpu', 'cuda') or (isinstance(v, str) and v.startswith('cuda:')
@@ -98,7 +107,7 @@ def _device(v):
 # docstring says what it accepts); configurator.configure checks overrides.
 CHOICES = {
     'timestamp': _timestamp,
-    'dataset': models.DATASETS,
+    'dataset': _dataset,
     'pretrained': (False, True),
     'mode': models.MODES,
     'base_type': models.BASE_TYPES,

@@ -98,8 +98,10 @@ def header():
 
 def resolve(defaults, argv):
     """Overrides applied and checked, before any work; a bad value raises ConfigError
-    (a UserError: the scripts print it as one line)."""
+    (a UserError: the scripts print it as one line). The seed's dataset spelling
+    'CREMAD' is taken as 'CREMA-D'."""
     cfg = configure(defaults, argv, ex.CHOICES)
+    cfg['dataset'] = ex.DATASET_ALIASES.get(cfg['dataset'], cfg['dataset'])
     try:
         ex.check_config(cfg)
         if not cfg['timestamp']:  # a saved run's config already holds its geometry

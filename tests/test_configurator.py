@@ -1,7 +1,12 @@
 """--key=value and config-file overrides of header constants."""
+import re
+import runpy
+import sys
+
 import pytest
 
 from configurator import ConfigError, configure
+from conftest import REPO
 
 DEFAULTS = {'mode': 'multimodal', 'num_epoch': 50, 'learning_rate': 1e-3, 'shuffle': True,
             'threshold': None, 'data_path': 'data_cremad', 'sys': __import__('sys'),
@@ -63,3 +68,36 @@ def test_predicate_choices_describe_themselves():
         return v > 0
     with pytest.raises(ConfigError, match='allowed: an int > 0'):
         configure(DEFAULTS, ['--num_epoch=0'], {'num_epoch': positive})
+
+
+# Every entry script with a header: a __main__ block, and a call that resolves the header.
+SCRIPTS = sorted(p.name for p in REPO.glob('*.py') if p.name != 'configurator.py'
+                 and "__name__ == '__main__'" in p.read_text()
+                 and re.search(r'\bconfigure(_or_exit)?\(|\bresolve\(', p.read_text()))
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_prints_the_settings_with_comments_and_exits_0(script, monkeypatch, capsys):
+    flag = '-h' if script < 'n' else '--help'  # both spellings, spread over the scripts
+    monkeypatch.setattr(sys, 'argv', [str(REPO / script), flag])
+    with pytest.raises(SystemExit) as done:  # in-process: a subprocess per script is slow
+        runpy.run_path(str(REPO / script), run_name='__main__')
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f'usage: python3 {script}' in out
+    commented = [line for line in out.splitlines() if line.startswith('  --')
+                 and len(line.split()) > 1]
+    assert len(commented) >= 3, out
+
+
+def test_main_help_shows_the_loss_option(capsys):
+    import main
+    with pytest.raises(SystemExit):
+        main.resolve(main.header(), ['--help'])
+    assert "--recon_loss='mse'" in capsys.readouterr().out
+
+
+def test_seed_spelling_of_the_dataset_is_accepted():
+    import main
+    cfg = main.resolve(main.header(), ['--dataset=CREMAD'])
+    assert cfg['dataset'] == 'CREMA-D'
