@@ -863,21 +863,21 @@ def load_emo_split(data_path, split):
     for kind in EMO_SPLIT_FILES:
         path = Path(data_path) / f'{split}_{kind}.pkl'
         if not path.is_file():
-            raise FileNotFoundError(f'split file {path} does not exist (build it with read_emo.py)')
+            raise MissingError(f'split file {path} does not exist (build it with read_emo.py)')
         with open(path, 'rb') as f:
             lists[kind] = list(pickle.load(f))
     where = f'{data_path} split {split!r}'
     if not len(lists['image']) == len(lists['audio']) == len(lists['index']):
-        raise ValueError(f'{where}: {len(lists["image"])} image, {len(lists["audio"])} audio '
+        raise BadValueError(f'{where}: {len(lists["image"])} image, {len(lists["audio"])} audio '
                          f'and {len(lists["index"])} index entries; they must be aligned')
     lists['labels'] = [np.asarray(x, np.float32) for x in lists['labels']]
     for i, ((folder, count), video) in enumerate(zip(lists['image'], lists['index'],
                                                      strict=True)):
         if not 0 <= video < len(lists['labels']):
-            raise ValueError(f'{where}: item {i} points to video {video} of '
+            raise BadValueError(f'{where}: item {i} points to video {video} of '
                              f'{len(lists["labels"])} in {split}_labels.pkl')
         if lists['labels'][video].shape != (count, len(FERPLUS)):
-            raise ValueError(f'{where}: item {i} ({folder}) has {count} frames but its logits '
+            raise BadValueError(f'{where}: item {i} ({folder}) has {count} frames but its logits '
                              f'are {lists["labels"][video].shape}, not ({count}, {len(FERPLUS)})')
     return lists
 
@@ -936,11 +936,59 @@ class EmoVoxCelebDataset(Dataset):
         return int(item_rng(self.seed, epoch, i).integers(count))
 
 
+# ----------------------------------------------------------------------------- RML features
+
+def feature_info(data_path):
+    """features.json of a make_features.py folder (sizes, layers, models); ValueError
+    naming the file when data_path is not such a folder."""
+    path = Path(data_path) / 'features.json'
+    if not path.is_file():
+        raise MissingError(f'{path} does not exist: data_path={str(data_path)!r} is not a '
+                         'feature folder (write one with make_features.py)')
+    return json.loads(path.read_text())
+
+
+class RMLFeatDataset(Dataset):
+    """Items of a make_features.py folder: (image features (16, Fi) float32, audio
+    features (64, Fa) float32 of transformer layer ``layer`` (1-based; the seed's
+    best: 7), emotion). The features are fixed: training and evaluation items agree.
+    """
+
+    def __init__(self, data_path, split, *, train=None, layer=7):
+        info = feature_info(data_path)
+        count = info['num_layers']
+        if not (isinstance(layer, int) and 1 <= layer <= count):
+            raise BadValueError(f'layer={layer!r}: {data_path} holds {count} audio layers '
+                             f'({info["audio_bundle"]}); give one in 1..{count}')
+        self.layer, self.train = layer, train
+        self.files = {m: Path(data_path) / f'{split}_{m}.npy' for m in ('image', 'audio')}
+        with open(Path(data_path) / f'{split}_labels.pkl', 'rb') as f:
+            self.labels = [int(e) for e in pickle.load(f)]
+        rows = {m: np.load(path, mmap_mode='r').shape[0] for m, path in self.files.items()}
+        if set(rows.values()) != {len(self.labels)}:
+            raise BadValueError(f'{data_path} split {split!r}: {rows["image"]} image rows, '
+                             f'{rows["audio"]} audio rows, {len(self.labels)} labels')
+        self._arrays = None  # opened lazily, per process (DataLoader workers)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        _, i = split_key(key)
+        if self._arrays is None:
+            self._arrays = {m: np.load(path, mmap_mode='r') for m, path in self.files.items()}
+        image = np.asarray(self._arrays['image'][i], np.float32)                 # (16, Fi)
+        audio = np.asarray(self._arrays['audio'][i, self.layer - 1], np.float32)  # (64, Fa)
+        return torch.from_numpy(image), torch.from_numpy(audio), self.labels[i]
+
+    def __getstate__(self):
+        return {**self.__dict__, '_arrays': None}
+
+
 # ----------------------------------------------------------------------------- registry
 
 DATASETS = {'CREMA-D': CREMADDataset, 'RML': RMLDataset, 'RML_probe': RMLProbeDataset,
-            'EmoVoxCeleb': EmoVoxCelebDataset}
-PLANNED = ('RML_feat',)  # not implemented yet
+            'EmoVoxCeleb': EmoVoxCelebDataset, 'RML_feat': RMLFeatDataset}
 # Class names in label order (logs, metrics, plots); their count sizes the classifier.
 CLASS_NAMES = {'CREMA-D': EMOTIONS, 'RML': RML_EMOTIONS, 'RML_feat': RML_EMOTIONS,
                'RML_probe': RML_EMOTIONS, 'EmoVoxCeleb': FERPLUS}
@@ -953,7 +1001,4 @@ def get_dataset(name, *args, **kwargs):
     """Instantiate dataset ``name`` (a key of DATASETS) with the given arguments."""
     if name in DATASETS:
         return DATASETS[name](*args, **kwargs)
-    if name in PLANNED:
-        raise NotImplementedError(f'dataset {name!r} is not implemented yet '
-                                  f'(implemented: {", ".join(DATASETS)})')
-    raise BadValueError(f'unknown dataset {name!r}; known: {", ".join([*DATASETS, *PLANNED])}')
+    raise BadValueError(f'unknown dataset {name!r}; known: {", ".join(DATASETS)}')

@@ -186,6 +186,11 @@ def check_config(cfg):
     if cfg.get('subsample') is not None and cfg['dataset'] != 'EmoVoxCeleb':
         raise ValueError(f"subsample applies to EmoVoxCeleb only; with {cfg['dataset']} "
                          "it must be None")
+    if cfg['dataset'] == 'RML_feat':
+        count = datasets.feature_info(cfg['data_path'])['num_layers']
+        if cfg['layer'] > count:
+            raise ValueError(f"layer={cfg['layer']!r}: {cfg['data_path']} holds {count} audio "
+                             f"layers; give one in 1..{count}")
     if cfg['data_on_gpu'] and (cfg['dataset'] not in ('CREMA-D', 'RML') or cfg['modify_modal']):
         raise ValueError(f"data_on_gpu=True samples from the CREMA-D or RML cache without "
                          f"modify_modal; with {cfg['dataset']} (modify_modal="
@@ -198,8 +203,19 @@ def check_config(cfg):
 
 
 def model_config(cfg):
-    """The keys build_model needs, plus the number of classes."""
-    return {**cfg, 'num_classes': datasets.NUM_CLASSES[cfg['dataset']]}
+    """The keys build_model needs, plus the number of classes (and for RML_feat the
+    feature sizes of cfg['data_path'])."""
+    extra = {}
+    if cfg['dataset'] == 'RML_feat':
+        info = datasets.feature_info(cfg['data_path'])
+        extra = {k: info[k] for k in ('image_features', 'audio_features')}
+    return {**cfg, **extra, 'num_classes': datasets.NUM_CLASSES[cfg['dataset']]}
+
+
+def train_variances(cfg):
+    """(image_var, audio_var) of cfg's training split (RML_feat: of its audio layer)."""
+    return read_variances(cfg['data_path'], cfg['layer'] if cfg['dataset'] == 'RML_feat'
+                          else None)
 
 
 # ----------------------------------------------------------------------------- files
@@ -351,6 +367,8 @@ class Runtime:
         """Move (image, audio, labels...) to the device; images channels_last if set."""
         image, audio, *labels = batch
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if image.dim() != 4:  # feature sequences (B, T, F): no memory format to choose
+            fmt = torch.contiguous_format
         image = image.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         audio = audio.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         return image, audio, [y.to(self.device, non_blocking=True) for y in labels]
@@ -377,6 +395,8 @@ def dataset_options(cfg):
     """The keyword arguments cfg['dataset']'s class takes from the config."""
     if cfg['dataset'] == 'EmoVoxCeleb':
         return {'subsample': cfg.get('subsample'), 'seed': cfg['seed']}
+    if cfg['dataset'] == 'RML_feat':
+        return {'layer': cfg['layer']}
     options = {'root': cfg.get('media_root'), 'cache': cfg['cache'],
                'cache_dir': cfg['cache_dir'], 'frame_jitter': frame_jitter(cfg),
                'workers': max(1, cfg['num_workers']), 'seed': cfg['seed']}
@@ -489,7 +509,7 @@ def setup(cfg, log):
     runtime = Runtime(cfg)
     log(runtime.describe())
     loaders = make_loaders(cfg, runtime)
-    variances = read_variances(cfg['data_path'])
+    variances = train_variances(cfg)
     log(f'Data: {cfg["data_path"]}: ' + ', '.join(
         f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
         + f'; train variances image {variances[0]:.4g}, audio {variances[1]:.4g}')

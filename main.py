@@ -22,13 +22,12 @@ import model as models
 from configurator import ConfigError, configure
 from errors import BadValueError, MissingError, UserError, one_line, run_script
 import transfer
-from read_variances import read_variances
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
 message = 'CM-VQVAE on CREMA-D'  # recorded at the top of the log
 timestamp = None            # None: train; 'YYYYmmdd-HHMMSS': evaluate results/<timestamp>
-dataset = 'CREMA-D'         # 'CREMA-D', 'RML', 'EmoVoxCeleb' ('RML_feat': not implemented yet)
+dataset = 'CREMA-D'         # 'CREMA-D', 'RML', 'EmoVoxCeleb', 'RML_feat'
 pretrained = False          # RML only: start from a saved run's VQ-VAE modules (transfer.py)
 pretrained_timestamp = None  # pretrained=True: that run, 'YYYYmmdd-HHMMSS' in results_dir
 reset_mask = False          # pretrained=True: reset the transferred mask to its initial value
@@ -60,6 +59,7 @@ recon_loss = 'mse'          # 'mse' (released code), 'mse/var' (divided by the t
 modify_modal = False        # RML only: add emotion-irrelevant skin colour / pitch per item
 audio_geometry = None       # RML only: None ('RML', or the pretrained source's), 'RML', 'CREMA-D'
 subsample = None            # EmoVoxCeleb only: None, or N: keep every ceil(len/N)-th item
+layer = 7                   # RML_feat only: audio features of this transformer layer (1..24)
 # additions to the paper's constants
 seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
 device = 'auto'             # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
@@ -212,7 +212,7 @@ def evaluate_saved(cfg, run_dir, log, load=load_model):
     runtime = ex.Runtime(cfg)
     loader = ex.make_loaders(cfg, runtime, splits=('test',))['test']
     net, epoch = load(cfg, run_dir, runtime)
-    test = ex.evaluate(net, loader, runtime, read_variances(cfg['data_path']), cfg,
+    test = ex.evaluate(net, loader, runtime, ex.train_variances(cfg), cfg,
                        groups=True)
     log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'))
     name = f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'

@@ -115,6 +115,9 @@ def resolve(argv):
     defaults = {**main.header(), 'num_epoch_vae': num_epoch_vae,
                 'num_epoch_solver': num_epoch_solver}
     cfg = main.resolve(defaults, argv)
+    if cfg['dataset'] == 'RML_feat':
+        raise ConfigError("dataset='RML_feat' has no two-stage form (the seed trains its "
+                          'Model_Feat end to end): use main.py')
     if cfg['base_type'] not in (0, 2):
         raise ConfigError(f"base_type={cfg['base_type']!r} has no two-stage form; "
                           f"allowed: 0 (masked solver), 2 (unmasked)")

@@ -126,7 +126,8 @@ def plot_reconstructions(run_dir, arrays, num=8):
     """reconstructions.png: original vs reconstructed face frames and log-mels of the
     first `num` items.
 
-    arrays: {1: (images (N, 3, H, W), recon or None), 2: (specs (N, 1, F, T), recon or None)}
+    arrays: {1: (images (N, 3, H, W), recon or None), 2: (specs (N, 1, F, T), recon or None)};
+    RML_feat's feature sequences (N, T, F) draw as features x time maps.
     The top mel bands of CREMA-D-like audio hold no energy (the FLVs' MP3 encoder
     low-passes it: ~11 kHz at the twin's 64 kbit/s), so they sit at the log-mel's
     dB floor and would draw as a black band; only the bands below are drawn.
@@ -134,18 +135,23 @@ def plot_reconstructions(run_dir, arrays, num=8):
     images, recon_images = arrays[1]
     specs, recon_specs = arrays[2]
     n = min(len(images), num)
-    bands = audible_bands(specs[:n])
+    if specs.ndim == 3:  # feature sequences
+        bands, names = None, ('image features', 'audio features')
+    else:
+        bands = audible_bands(specs[:n])
+        names = ('frame', f'log-mel (the {specs.shape[2] - bands} silent top bands not drawn)')
     fig, axes = plt.subplots(4, n, figsize=(2 * n, 8), squeeze=False)
-    rows = ((images, 'frame'), (recon_images, 'recon frame'),
-            (specs, f'log-mel (the {specs.shape[2] - bands} silent top bands not drawn)'),
-            (recon_specs, 'recon log-mel'))
+    rows = ((images, names[0]), (recon_images, 'recon'), (specs, names[1]),
+            (recon_specs, 'recon'))
     for r, (data, title) in enumerate(rows):
         for i in range(n):
             ax = axes[r, i]
             ax.axis('off')
             if data is None:
                 continue
-            if data.shape[1] == 3:
+            if data.ndim == 3:  # (T, F) features: one column per time frame
+                ax.imshow(data[i].T, origin='lower', aspect='auto', cmap='magma')
+            elif data.shape[1] == 3:
                 ax.imshow(np.clip(data[i].transpose(1, 2, 0), 0, 1))
             else:
                 ax.imshow(data[i, 0, :bands], origin='lower', aspect='auto', cmap='magma',

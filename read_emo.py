@@ -28,7 +28,6 @@ checked first (frames numbered 000001.jpg.. without gaps, one logits row per
 frame, 16 kHz WAV): a bad one stops the build naming its file, nothing written.
 """
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +36,9 @@ from tqdm import tqdm
 
 import atomic
 import datasets
+import errors
 import media
+from errors import BadValueError, ExistsError, MissingError
 from read_cremad import RunningVariance, split_counts
 
 # ----------------------------------------------------------------------------- config
@@ -71,7 +72,7 @@ def write_track(root, key, frames, audio, logits, quality=90):
     folder, wav, npy = track_paths(root, key)
     logits = np.asarray(logits, np.float32)
     if logits.shape != (len(frames), len(datasets.FERPLUS)):
-        raise ValueError(f'{key}: logits {logits.shape} for {len(frames)} frames; expected '
+        raise BadValueError(f'{key}: logits {logits.shape} for {len(frames)} frames; expected '
                          f'({len(frames)}, {len(datasets.FERPLUS)})')
     for path in (folder, wav.parent, npy.parent):
         path.mkdir(parents=True, exist_ok=True)
@@ -86,34 +87,34 @@ def list_tracks(root):
     """Sorted track keys of root: the WAVs under root/wav (a key per WAV)."""
     wav_root = Path(root) / 'wav'
     if not wav_root.is_dir():
-        raise FileNotFoundError(f'{wav_root} does not exist: root={str(root)!r} is not an '
+        raise MissingError(f'{wav_root} does not exist: root={str(root)!r} is not an '
                                 'EmoVoxCeleb-layout folder (frames/, wav/, logits/)')
     keys = sorted(p.relative_to(wav_root).with_suffix('').as_posix()
                   for p in wav_root.rglob('*.wav'))
     if not keys:
-        raise FileNotFoundError(f'{wav_root} holds no WAV files')
+        raise MissingError(f'{wav_root} holds no WAV files')
     return keys
 
 
 def check_track(root, key):
     """(frame folder, number of frames, WAV, logits (T, 8)) of a well-formed track;
-    ValueError or MediaError naming the file of a malformed one."""
+    BadValueError or MediaError naming the file of a malformed one."""
     folder, wav, npy = track_paths(root, key)
     names = sorted(p.name for p in folder.glob('*.jpg')) if folder.is_dir() else []
     if not names:
-        raise ValueError(f'{folder}: no face frames (000001.jpg, ...)')
+        raise BadValueError(f'{folder}: no face frames (000001.jpg, ...)')
     if names != [datasets.frame_name(k) for k in range(len(names))]:
-        raise ValueError(f'{folder}: frames must be numbered 000001.jpg..'
+        raise BadValueError(f'{folder}: frames must be numbered 000001.jpg..'
                          f'{datasets.frame_name(len(names) - 1)} without gaps')
     if not npy.is_file():
-        raise ValueError(f'{npy} does not exist (the teacher logits of {key})')
+        raise MissingError(f'{npy} does not exist (the teacher logits of {key})')
     logits = np.load(npy)
     if logits.shape != (len(names), len(datasets.FERPLUS)) or not np.isfinite(logits).all():
-        raise ValueError(f'{npy}: logits {logits.shape} must be finite and '
+        raise BadValueError(f'{npy}: logits {logits.shape} must be finite and '
                          f'({len(names)}, {len(datasets.FERPLUS)}): one row per frame')
     _, rate = media.read_wav(wav)
     if rate != datasets.EMO_RATE:
-        raise ValueError(f'{wav}: {rate} Hz; EmoVoxCeleb WAVs are {datasets.EMO_RATE} Hz')
+        raise BadValueError(f'{wav}: {rate} Hz; EmoVoxCeleb WAVs are {datasets.EMO_RATE} Hz')
     return str(folder), len(names), str(wav), logits.astype(np.float32)
 
 
@@ -129,10 +130,10 @@ def plan_splits(keys, *, seed=0, split_by='track', sizes=(8, 1, 1)):
         return dict(zip(SPLITS, map(list, np.split(np.array(order, dtype=object), bounds)),
                         strict=True))
     if split_by != 'speaker':
-        raise ValueError(f"split_by={split_by!r} is not 'track' or 'speaker'")
+        raise BadValueError(f"split_by={split_by!r} is not 'track' or 'speaker'")
     speakers = sorted({k.split('/')[0] for k in keys})
     if len(speakers) < 3:
-        raise ValueError(f"split_by='speaker' needs >= 3 speakers, got {len(speakers)}")
+        raise BadValueError(f"split_by='speaker' needs >= 3 speakers, got {len(speakers)}")
     speakers = [speakers[i] for i in rng.permutation(len(speakers))]
     bounds = np.cumsum(split_counts(len(speakers), sizes))[:-1]
     owner = {s: k for k, group in enumerate(np.split(np.array(speakers), bounds)) for s in group}
@@ -174,7 +175,7 @@ def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
     a non-empty data_path unless overwrite."""
     out = Path(data_path)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f'data_path {str(out)!r} already exists and is not empty; '
+        raise ExistsError(f'data_path {str(out)!r} already exists and is not empty; '
                               'pass overwrite=True (--overwrite=True) to replace its files')
     root = os.path.normpath(root)
     keys = list_tracks(root)
@@ -205,12 +206,9 @@ def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
 def main():
     from configurator import configure_or_exit
     cfg = configure_or_exit(globals(), choices=CHOICES)
-    try:
-        record = build_splits(cfg['root'], cfg['data_path'], seed=cfg['seed'],
-                              split_by=cfg['split_by'], sizes=tuple(cfg['split_sizes']),
-                              overwrite=cfg['overwrite'], progress=cfg['progress'])
-    except (OSError, ValueError, media.MediaError) as e:
-        sys.exit(f'read_emo: {e}')
+    record = build_splits(cfg['root'], cfg['data_path'], seed=cfg['seed'],
+                          split_by=cfg['split_by'], sizes=tuple(cfg['split_sizes']),
+                          overwrite=cfg['overwrite'], progress=cfg['progress'])
     sizes = ', '.join(f'{s} {n}' for s, n in record['sizes'].items())
     print(f'wrote {cfg["data_path"]}: {sizes} tracks ({cfg["split_by"]} split, '
           f'seed {cfg["seed"]}); train image variance {record["image_var"]:.6g}, '
@@ -218,4 +216,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    errors.run_script(main)

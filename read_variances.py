@@ -2,16 +2,18 @@
 import pickle
 from pathlib import Path
 
-from errors import MissingError
+from errors import BadValueError, MissingError
 
 FILES = ('train_image_var.pkl', 'train_audio_var.pkl')
 
 
-def read_variances(data_path):
+def read_variances(data_path, layer=None):
     """data_path (a split config folder) -> (image_var, audio_var) as floats.
 
     image_var: variance of the training clips' face-crop pixels in [0, 1];
-    audio_var: variance of their log-mel values. Written by read_cremad.py.
+    audio_var: variance of their log-mel values. Written by read_cremad.py. A
+    feature folder (make_features.py) holds one audio variance per layer: ``layer``
+    (1-based) picks one.
     """
     values = []
     for name in FILES:
@@ -20,5 +22,11 @@ def read_variances(data_path):
             raise MissingError(f'{path} does not exist: build the split config with '
                                f'read_cremad.py --data_path={data_path}')
         with open(path, 'rb') as f:
-            values.append(float(pickle.load(f)))
+            value = pickle.load(f)
+        if isinstance(value, (list, tuple)):  # per layer
+            if layer is None or not 1 <= layer <= len(value):
+                raise BadValueError(f'{path} holds {len(value)} per-layer variances: give a '
+                                 f'layer in 1..{len(value)}, not {layer!r}')
+            value = value[layer - 1]
+        values.append(float(value))
     return tuple(values)

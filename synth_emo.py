@@ -15,19 +15,18 @@ disgust, fear, contempt), drawn from an in-the-wild prior (mostly neutral and
 happy). The voice follows the expression weakly (half the prototype's strength,
 VoxCeleb's speech is not acted). The teacher is a noisy facial-expression
 classifier of the rendered expression: frame t's logit for class k is
-``-|face cues - prototype_k|^2 / TEACHER_WIDTH`` plus slowly varying per-frame
-noise (an AR(1) process), so the logits change from frame to frame and the
-teacher's arg-max is sometimes another class, as a real teacher's is. The
-rendered expression itself is constant over a track (the renderer's cues are
-per clip); what moves is the mouth (speech), the head, lighting noise and the
-teacher's noise.
+``TEACHER_BIAS - |face cues - prototype_k|^2 / TEACHER_WIDTH`` (about -12..4) plus
+slowly varying per-frame noise (an AR(1) process), so the logits change from
+frame to frame and the teacher's arg-max is sometimes another class, as a real
+teacher's is. The rendered expression itself is constant over a track (the
+renderer's cues are per clip); what moves is the mouth (speech), the head,
+lighting noise and the teacher's noise.
 
 Deterministic for a seed: each track draws from a generator seeded by (seed,
 crc32(key)), each speaker by (seed, speaker); the output does not depend on the
 number of workers.
 """
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from scipy.signal import resample_poly
 
 import atomic
 import datasets
+import errors
 import read_emo
 import synth
 from synth import SynthError, rng_for
@@ -49,7 +49,7 @@ nuisance = 0.5                  # 0..1 strength of emotion-irrelevant variation
 duration_scale = 1.0            # 1.0: 2.5-4 s utterances; tests use less
 # -----------------------------------------------------------------------------
 
-VERSION = 1                     # bump when rendering changes: old twins are not reused
+VERSION = 2                     # bump when rendering changes: old twins are not reused
 MARKER = '.synth_emo.json'
 MAX_SPEAKERS = 1251             # VoxCeleb1's identities
 FIRST_SPEAKER = 10001
@@ -63,7 +63,7 @@ FACE_PROTOTYPES = (synth.FACE_RELAXED, synth.FACE_SMILE, synth.FACE_SURPRISED, s
 VOICE_PROTOTYPES = (synth.VOICE_NEUTRAL, synth.VOICE_HIGH, synth.VOICE_SURPRISED, synth.VOICE_LOW,
                     synth.VOICE_HIGH, synth.VOICE_LOW, synth.VOICE_FEAR, synth.VOICE_NEUTRAL)
 VOICE_STRENGTH = 0.5            # the voice carries half the expression's prototype
-TEACHER_WIDTH = 0.5             # logit = -squared cue distance / width (+ noise)
+TEACHER_BIAS, TEACHER_WIDTH = 4.0, 0.75  # logit = bias - squared cue distance / width (+ noise)
 TEACHER_NOISE, TEACHER_MEMORY = 0.6, 0.8  # AR(1) per-frame noise: sd and frame-to-frame memory
 SYLLABLE_RANGE = (10, 16)       # syllables per utterance: 2.5-4 s at duration_scale 1
 SKINS = ((232, 190, 165), (205, 155, 115), (180, 140, 95), (125, 85, 62))
@@ -106,7 +106,7 @@ def track_factors(key, traits, seed, nuisance, duration_scale):
 def teacher_logits(f, rng):
     """(frames, 8) float32: the teacher's logits for the rendered expression, frame by frame."""
     cues = np.array([f[f'face_{c}'] for c in synth.FACE_CUES])
-    clean = -((cues - np.array(FACE_PROTOTYPES)) ** 2).sum(1) / TEACHER_WIDTH  # (8,)
+    clean = TEACHER_BIAS - ((cues - np.array(FACE_PROTOTYPES)) ** 2).sum(1) / TEACHER_WIDTH
     noise = np.empty((f['frames'], len(clean)))
     noise[0] = rng.normal(0, TEACHER_NOISE, len(clean))
     innovation = TEACHER_NOISE * np.sqrt(1 - TEACHER_MEMORY ** 2)
@@ -181,13 +181,13 @@ def _check(num_speakers, tracks_per_speaker, seed, workers, nuisance, duration_s
                 duration_scale=float(duration_scale))
 
 
-if __name__ == '__main__':
+def main():
     from configurator import configure_or_exit
     cfg = configure_or_exit(globals())
-    try:
-        generate(cfg['root'], num_speakers=cfg['num_speakers'],
-                 tracks_per_speaker=cfg['tracks_per_speaker'], seed=cfg['seed'],
-                 workers=cfg['workers'], nuisance=cfg['nuisance'],
-                 duration_scale=cfg['duration_scale'])
-    except SynthError as e:
-        sys.exit(f'synth_emo: {e}')
+    generate(cfg['root'], num_speakers=cfg['num_speakers'],
+             tracks_per_speaker=cfg['tracks_per_speaker'], seed=cfg['seed'],
+             workers=cfg['workers'], nuisance=cfg['nuisance'], duration_scale=cfg['duration_scale'])
+
+
+if __name__ == '__main__':
+    errors.run_script(main)
