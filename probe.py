@@ -22,13 +22,16 @@ results_dir, ...) and the probe's constants below apply. The probe
    continuous factors, with bootstrap intervals over the test items;
 3. scores the paper's claim per label: shared minus private decodability, with
    its interval and a verdict (emotion-relevant labels should be more decodable
-   from shared channels, emotion-irrelevant ones from private channels).
+   from shared channels, emotion-irrelevant ones from private channels), and
+   the same difference for probe_permutations random splits of the channels
+   with the learned sets' sizes (is the learned split special?).
 
 Labels: the dataset's own (CREMA-D: actor, sentence, emotion, level, age,
-gender, race, ethnicity) and, for clips of a synthetic twin, every numeric
-factor of its ground_truth.csv. Writes results/<run>/probe-<time>/ (probe.json,
-probe.md, recon_image.png, recon_audio.png, decodability.png) and appends a
-summary to the run's log.txt. Deterministic for a probe_seed.
+gender, race, ethnicity; RML: emotion, skin colour, pitch, user) and, for clips
+of a synthetic twin, every numeric factor of its ground_truth.csv. Writes
+results/<run>/probe-<time>/ (probe.json, probe.md, recon_image.png,
+recon_audio.png, decodability.png) and appends a summary to the run's log.txt.
+Deterministic for a probe_seed.
 """
 import copy
 import csv
