@@ -7,6 +7,7 @@ so a crash leaves a readable log and no half-written file.
 
 Index convention of the seed's file names: 1 = image, 2 = audio.
 """
+import collections
 import platform
 import re
 import sys
@@ -477,7 +478,9 @@ def make_loader(dataset, cfg, runtime, *, train):
     """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']);
     shuffles the training split only. A training loader's draws (order, frames)
     are a function of (seed, epoch): call set_epoch(loader, epoch) before each epoch."""
-    drop_last = train and len(dataset) > cfg['batch_size']
+    # As released, training keeps the last partial batch, except one of a single
+    # item: the solver's BatchNorm1d cannot train on one value per channel.
+    drop_last = train and len(dataset) % cfg['batch_size'] == 1 and len(dataset) > 1
     if cfg['data_on_gpu']:
         return DeviceLoader(dataset, batch_size=cfg['batch_size'], train=train,
                             shuffle=train and cfg['shuffle'], drop_last=drop_last,
@@ -771,34 +774,55 @@ def test_block(metrics, title='Test'):
 
 # ----------------------------------------------------------------------------- run outputs
 
-def save_history(run_dir, history):
-    """The seed's pickles: train_/val_ class_error, res_perplexity1/2, res_recon_error1/2."""
+def save_history(run_dir, history, stage1=None):
+    """The seed's pickles: train_/val_ class_error, res_perplexity1/2, res_recon_error1/2.
+
+    A two-stage run passes its VQ-VAE stage's history as stage1: the reconstruction
+    and perplexity pickles then hold that stage's series, the class-error ones the
+    solver stage's (history), and history.json holds both (stage 1 under 'stage1').
+    """
     names = {'class_error': 'class_error', 'perplexity1': 'res_perplexity1',
              'perplexity2': 'res_perplexity2', 'recon_error1': 'res_recon_error1',
              'recon_error2': 'res_recon_error2'}
     for split in ('train', 'val'):
         for key, name in names.items():
-            save_pickle(run_dir / f'{split}_{name}.pkl', history[split].get(key, []))
-    save_json(run_dir / 'history.json', history)
+            source = stage1 if stage1 is not None and key != 'class_error' else history
+            save_pickle(run_dir / f'{split}_{name}.pkl', source[split].get(key, []))
+    save_json(run_dir / 'history.json',
+              history if stage1 is None else {**history, 'stage1': stage1})
+
+
+@torch.no_grad()
+def last_batch(loader):
+    """The last batch `loader` yields, loading only that one where it can (a
+    DataLoader without shuffling: its batch sampler gives the indices)."""
+    if isinstance(loader, torch.utils.data.DataLoader) and \
+            isinstance(loader.sampler, torch.utils.data.SequentialSampler):
+        indices = list(loader.batch_sampler)[-1]
+        return loader.collate_fn([loader.dataset[i] for i in indices])
+    return collections.deque(loader, maxlen=1)[0]
 
 
 @torch.no_grad()
 def save_reconstructions(run_dir, model, loader, runtime, num=8):
-    """valid_originals/reconstructions{1,2}.pkl (numpy, first `num` val items) and
-    weight{1,2}.pkl (codebooks (K, D), None without a codebook)."""
+    """What the released main.py pickles after its test, as CPU torch tensors:
+    valid_originals{1,2}.pkl / valid_reconstructions{1,2}.pkl, the inputs and
+    reconstructions of the last batch of `loader` (the test loader; None without
+    decoders), and weight{1,2}.pkl, the codebooks (K, D) (None without VQ).
+    Returns numpy copies of the first `num` items for the plots."""
     model.eval()
-    image, audio, _ = runtime.to_device(next(iter(loader)))
-    image, audio = image[:num], audio[:num]
+    image, audio, _ = runtime.to_device(last_batch(loader))
     with runtime.autocast():
         out = model(image, audio)
     pairs = {1: (image, out.recon_image), 2: (audio, out.recon_audio)}
     arrays = {}
     for k, (original, recon) in pairs.items():
-        arrays[k] = (original.float().cpu().numpy(),
-                     None if recon is None else recon.float().cpu().numpy())
-        save_pickle(run_dir / f'valid_originals{k}.pkl', arrays[k][0])
-        save_pickle(run_dir / f'valid_reconstructions{k}.pkl', arrays[k][1])
+        original = original.float().cpu().contiguous()
+        recon = None if recon is None else recon.float().cpu().contiguous()
+        save_pickle(run_dir / f'valid_originals{k}.pkl', original)
+        save_pickle(run_dir / f'valid_reconstructions{k}.pkl', recon)
+        arrays[k] = (original[:num].numpy(), None if recon is None else recon[:num].numpy())
     for k, codebook in enumerate(model.codebooks(), start=1):
         save_pickle(run_dir / f'weight{k}.pkl',
-                    None if codebook is None else codebook.float().cpu().numpy())
+                    None if codebook is None else codebook.float().cpu().clone())
     return arrays

@@ -166,15 +166,18 @@ def train(cfg, run_dir, log, resume=False):
     return test
 
 
-def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch):
-    """Pickles, metrics.json and plots of a finished training run."""
+def finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch, stage1=None):
+    """Pickles, metrics.json and plots of a finished training run; stage1: the VQ-VAE
+    stage's history of a two-stage run (its reconstruction and perplexity series)."""
     import plots
-    ex.save_history(run_dir, history)
-    arrays = ex.save_reconstructions(run_dir, net, loaders['val'], runtime)
+    ex.save_history(run_dir, history, stage1)
+    arrays = ex.save_reconstructions(run_dir, net, loaders['test'], runtime)
     ex.save_json(run_dir / 'metrics.json', {'test': test, 'best_epoch': best_epoch,
                                             'epoch_seconds': history['epoch_seconds']})
     plots.plot_curves(run_dir, history)
-    plots.plot_recon_perplexity(run_dir, history, cfg['recon_loss'])
+    plots.plot_recon_perplexity(run_dir, stage1 or history, cfg['recon_loss'])
+    if stage1 is not None:
+        plots.plot_curves(run_dir, stage1, name='curves_vae.png')
     mask = net.get_mask()
     if mask is not None:
         threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']

@@ -91,8 +91,8 @@ def train(cfg, run_dir, log):
         transfer.apply([vqvae, solver], cfg, log)
     log(f'Stage 1: VQ-VAEs, {models.count_parameters(vqvae):,} trainable parameters, '
         f'{cfg["num_epoch_vae"]} epochs on reconstruction')
-    ex.fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',
-           num_epoch=cfg['num_epoch_vae'], monitor='loss')
+    stage1 = ex.fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',
+                    num_epoch=cfg['num_epoch_vae'], monitor='loss')
     vqvae.load_state_dict(torch.load(run_dir / 'model_vae.pt',
                                      map_location=runtime.device)['model'])
     net = FrozenCodes(vqvae, solver)
@@ -104,7 +104,7 @@ def train(cfg, run_dir, log):
     log(f'Best stage-2 epoch {best_epoch}; testing its checkpoint')
     test = ex.evaluate(net, loaders['test'], runtime, variances, cfg, groups=True)
     log(ex.test_block(test))
-    main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
+    main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch, stage1)
     log(f'Done; results in {run_dir}')
     return test
 

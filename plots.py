@@ -36,8 +36,9 @@ def _per_epoch(values, num_epochs):
         len(values), 1)
 
 
-def plot_curves(run_dir, history):
-    """curves.png: classification loss (train per iteration, val per epoch), val accuracy."""
+def plot_curves(run_dir, history, name='curves.png'):
+    """curves.png: classification loss (train per iteration, val per epoch), val accuracy.
+    A two-stage run also writes its VQ-VAE stage's total loss as curves_vae.png."""
     val, train = history['val'], history['train']
     epochs = np.arange(1, len(history['epoch_seconds']) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -54,7 +55,7 @@ def plot_curves(run_dir, history):
         axes[1].axhline(100 / 6, color='grey', ls='--', label='chance')
         axes[1].set(xlabel='epoch', ylabel='%', title='validation accuracy')
         axes[1].legend()
-    _save(fig, Path(run_dir) / 'curves.png')
+    _save(fig, Path(run_dir) / name)
 
 
 def plot_recon_perplexity(run_dir, history, recon_loss='mse'):

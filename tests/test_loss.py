@@ -70,3 +70,28 @@ def test_missing_outputs_are_skipped_and_bad_option_rejected():
     with pytest.raises(ValueError, match="recon_loss='var'"):
         ex.compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
                         VARIANCES, _Masked(None), True, 'var')
+
+
+class _Items:
+    """A dataset of n items; keys may be (epoch, index) as EpochSampler yields them."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize(('n', 'sizes'), [(34, [16, 16, 2]), (33, [16, 16]), (16, [16]),
+                                          (5, [5])])
+def test_training_loader_keeps_the_last_partial_batch_unless_it_has_one_item(n, sizes):
+    import main
+    cfg = {**main.header(), 'batch_size': 16, 'num_workers': 0, 'data_on_gpu': False}
+    runtime = ex.Runtime({**cfg, 'device': 'cpu'})
+    loader = ex.make_loader(_Items(n), cfg, runtime, train=True)
+    assert [len(b) for b in loader] == sizes
+    evaluation = ex.make_loader(_Items(33), cfg, runtime, train=False)
+    assert [len(b) for b in evaluation] == [16, 16, 1]

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import convert_released
 import model as M
 from conftest import SHARED
 
@@ -69,3 +70,67 @@ def test_unused_released_modules_of_base_type_1_are_skipped():
     net = M.build_model({**info['config'], 'base_type': 1, 'num_classes': 6})
     M.load_released(net, state)
     assert torch.equal(net.backbone.pre_vq['audio'].weight, state['_pre_vq_conv_audio.weight'])
+
+
+def released_log(config, drop=()):
+    """A log.txt in the released main.py's format (CONFIG block as it writes it)."""
+    labels = {v: k for k, v in convert_released.CONFIG_LABELS.items()}
+    values = {**config, 'dataset': 'CREMAD', 'pretrained': False, 'num_epoch': 2,
+              'batch_size': 4, 'learning_rate': 0.001, 'regularization': True}
+    lines = ['Proposed method, a released-format fixture', '', 'Model saved in epoch 2:',
+             'CONFIG:']
+    lines += [f'- {labels[k]}: {v}' for k, v in values.items()
+              if k in labels and k not in drop and k != 'data_path']
+    return '\n'.join(lines + ['*** INITIAL PRIVATE SHARED SPACE ***', ''])
+
+
+@pytest.fixture(scope='module')
+def released_run(twin, tmp_path_factory):
+    """A released run folder (model_ema's weights) and split configs of the tiny twin."""
+    import read_cremad
+    path = tmp_path_factory.mktemp('released')
+    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2, cache=False,
+                             progress=False)
+    src = path / 'orig' / '20230315-015820'
+    src.mkdir(parents=True)
+    (src / 'model.pt').write_bytes((ORIG / 'model_ema.pt').read_bytes())
+    info = json.loads((ORIG / 'index.json').read_text())['model_ema']
+    (src / 'log.txt').write_text(released_log(info['config']))
+    return path, src, info
+
+
+def test_a_converted_released_run_evaluates_deterministically(released_run):
+    import main
+    path, src, _ = released_run
+    run_dir = convert_released.run([f'--src={src}', f'--results_dir={path / "results"}',
+                                    f'--data_path={path / "data"}'])
+    assert run_dir.name == src.name
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    assert cfg['dataset'] == 'CREMA-D' and cfg['num_residual_hiddens'] == 16
+    assert cfg['recon_loss'] == 'mse' and cfg['decay'] == 0.99
+    args = [f'--results_dir={path / "results"}', f'--timestamp={run_dir.name}',
+            '--num_workers=0', '--cache=False']
+    first, second = main.main(args), main.main(args)
+    assert first['num_samples'] > 0
+    for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'mask'):
+        assert first[key] == second[key]
+    assert first['class_error'] == second['class_error']
+
+
+def test_conversion_checks_before_writing(released_run, tmp_path):
+    from errors import BadValueError, ExistsError
+    path, src, info = released_run
+    old = tmp_path / '20230101-000000'
+    old.mkdir()
+    (old / 'model.pt').write_bytes((src / 'model.pt').read_bytes())
+    (old / 'log.txt').write_text(released_log(info['config'], drop=('mode', 'base_type')))
+    out = tmp_path / 'results'
+    with pytest.raises(BadValueError, match='lacks mode, base_type .* --mode=... --base_type='):
+        convert_released.convert(old, out)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="unknown key '_classifier.private_shared_mask'"):
+        convert_released.convert(old, out, mode='multimodal', base_type=2)  # wrong model
+    assert not out.exists()
+    convert_released.convert(old, out, mode='multimodal', base_type=0)
+    with pytest.raises(ExistsError, match='exists'):
+        convert_released.convert(old, out, mode='multimodal', base_type=0)

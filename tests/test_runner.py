@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import errors
 import main
@@ -65,9 +66,12 @@ def test_pickles_load_with_expected_contents(run):
         return pickle.loads((run_dir / name).read_bytes())
     assert len(load('val_class_error.pkl')) == 2          # one value per epoch
     assert len(load('train_class_error.pkl')) >= 2        # one value per iteration
-    assert load('valid_originals1.pkl').shape[1:] == (3, 128, 128)
-    assert load('valid_reconstructions2.pkl').shape[1:] == (1, 256, 256)
-    assert load('weight1.pkl').shape == (16, 8)            # (K, D) codebook
+    # As released: CPU torch tensors; the last test batch (7 test clips, batch 16).
+    for name, shape in (('valid_originals1', (7, 3, 128, 128)),
+                        ('valid_reconstructions2', (7, 1, 256, 256)), ('weight1', (16, 8))):
+        value = load(f'{name}.pkl')
+        assert isinstance(value, torch.Tensor) and value.device.type == 'cpu', name
+        assert value.shape == shape, name
 
 
 def test_config_and_log_record_the_run(run):
@@ -153,6 +157,13 @@ def test_two_stage_end_to_end(run, workdir):
     run_dir = newest_run(workdir)
     assert (run_dir / 'model_vae.pt').is_file() and (run_dir / 'model_solver.pt').is_file()
     assert (run_dir / 'metrics.json').is_file() and test['num_samples'] == 7
+    # Stage 1's series (recon, perplexity) and stage 2's class errors are both kept.
+    for name in ('train_res_recon_error1', 'train_res_perplexity2', 'val_res_recon_error2',
+                 'val_res_perplexity1', 'train_class_error', 'val_class_error'):
+        assert pickle.loads((run_dir / f'{name}.pkl').read_bytes()), name
+    history = json.loads((run_dir / 'history.json').read_text())
+    assert len(history['stage1']['val']['recon_error1']) == 1
+    assert 'class_error' in history['val'] and (run_dir / 'curves_vae.png').is_file()
     again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}'))
     assert again['confusion_matrix'] == test['confusion_matrix']
     # Each script evaluates its own runs and names the other for the other's, before
