@@ -48,7 +48,7 @@ import atomic
 import media
 from errors import BadValueError, MissingError, NoSpaceError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 HASH_BYTES = 64 * 1024  # content_hash reads this much at each end of a clip
 # Frame size of every CREMA-D clip (width, height); another size is a MediaError.
 CLIP_SIZE = (media.VIDEO_WIDTH, media.VIDEO_HEIGHT)
@@ -156,7 +156,8 @@ def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None, size=CLIP_S
         indices = window_indices(num_frames, frame_jitter)
         return indices if offsets is None else indices[np.asarray(offsets) + frame_jitter]
 
-    frames, audio, _, rate = media.read_flv(path, backend, pick, size=size)
+    frames, audio, _, rate = media.read_flv(path, backend, pick, size=size,
+                                            audio_like_moviepy=True)
     faces = np.stack([media.face_crop(frame) for frame in frames])
     mono = audio.mean(axis=0)
     if audio_transform is not None:

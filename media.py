@@ -136,7 +136,8 @@ def read_wav(path):
         raise MediaError(path, f'cannot read WAV: {e}') from e
 
 
-def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS):
+def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS,
+             audio_like_moviepy=False):
     """Decode a clip (FLV, AVI or any container FFmpeg reads): (frames (T, H, W, 3)
     uint8 RGB, audio (C, N) float32 in [-1, 1], fps, rate).
 
@@ -144,6 +145,9 @@ def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS
     pick: optional function num_frames -> frame indices; only those frames are
     returned, in that order (T = len(indices)). PyAV then converts just them to
     RGB, which is most of its decoding time.
+    audio_like_moviepy: PyAV's audio as moviepy returns it (moviepy_audio), the
+    released CREMA-D item's reader: PyAV alone returns every decoded sample, 0-2
+    log-mel frames more or fewer, which shifts the centre crop.
     Raises MediaError (path, reason) for a clip that cannot be decoded, has no
     audio stream, is truncated (see MIN_FRAME_FRACTION), is shorter than
     min_seconds, or whose frames are not size=(width, height) when given.
@@ -156,6 +160,8 @@ def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS
         info = probe(path)
         check_clip(path, info, size, min_seconds)
         frames, audio, fps, rate = readers[backend](str(path), pick)
+        if audio_like_moviepy and backend == 'pyav':
+            audio = moviepy_audio(audio, info['duration'], rate)
     except MediaError:
         raise
     except Exception as e:  # decoders raise many types; the caller needs the file name
@@ -213,6 +219,23 @@ def _read_pyav(path, pick):
     audio = _to_float(np.concatenate(chunks, axis=1))
     picked = [frames[i].to_ndarray(format='rgb24') for i in pick(len(frames))]
     return np.stack(picked) if picked else np.zeros((0, 0, 0, 3), np.uint8), audio, fps, rate
+
+
+def container_samples(duration, rate):
+    """Audio samples moviepy returns for a clip of `duration` s (the container's):
+    int(rate * D), D the duration as FFmpeg prints it (rounded half up to 10 ms)."""
+    centis = (round(duration * 1e6) + 5000) // 10000
+    return int(rate * (centis / 100))
+
+
+def moviepy_audio(audio, duration, rate):
+    """Decoded (C, N) float audio as moviepy returns it: container_samples(duration,
+    rate) samples (cut, or padded with zeros at the end as moviepy pads reads past
+    the last decoded sample) of 16-bit PCM (FFmpeg's s16 rounding), float32."""
+    n = container_samples(duration, rate)
+    audio = audio[..., :n]
+    audio = np.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(0, n - audio.shape[-1])])
+    return (np.clip(np.rint(audio * 32768.0), -32768, 32767) / 32768.0).astype(np.float32)
 
 
 def _to_float(samples):
@@ -279,11 +302,14 @@ def read_jpeg(path, size):
 
 
 def fit_frames(spec, length=SPEC_FRAMES):
-    """Centre-crop or reflect-pad the time axis (last) of ``spec`` to ``length``."""
+    """Centre-crop or reflect-pad the time axis (last) of ``spec`` to ``length``.
+
+    As the released items do: an odd number of frames to crop leaves the extra
+    one at the end, an odd number to pad puts the extra one at the start."""
     n = spec.shape[-1]
     if n >= length:
         start = (n - length) // 2
         return spec[..., start:start + length]
-    before = (length - n) // 2
+    before = length - n - (length - n) // 2
     pad = [(0, 0)] * (spec.ndim - 1) + [(before, length - n - before)]
     return np.pad(spec, pad, mode='reflect' if n > 1 else 'edge')

@@ -358,14 +358,54 @@ def test_pyav_and_moviepy_frames_agree_on_twin(twin):
     assert_readers_agree(twin / 'VideoFlash' / '1001_DFA_ANG_XX.flv', audio_too=False)
 
 
-def test_pyav_and_moviepy_agree_on_full_length_twin_clips(tmp_path):
-    """Frames and audio of CREMA-D-length clips. (moviepy's audio reader fails on
-    clips under ~1 s, like the tiny twin's; CREMA-D's shortest clip is longer.)"""
+@pytest.fixture(scope='module')
+def full_length_clips(tmp_path_factory):
+    """Six CREMA-D-length twin clips (moviepy's audio reader fails on clips under
+    ~1 s, like the tiny twin's; CREMA-D's shortest clip is longer)."""
     import synth_cremad
-    root = tmp_path / 'CREMA-D'
+    root = tmp_path_factory.mktemp('full') / 'CREMA-D'
     synth_cremad.generate(root=root, num_actors=1, sentences='DFA', seed=1, progress=False)
-    for name in ('1001_DFA_ANG_XX', '1001_DFA_SAD_XX'):
-        assert_readers_agree(root / 'VideoFlash' / f'{name}.flv')
+    return sorted((root / 'VideoFlash').glob('*.flv'))
+
+
+def test_pyav_and_moviepy_agree_on_full_length_twin_clips(full_length_clips):
+    """Frames and audio of CREMA-D-length clips."""
+    for path in full_length_clips[:2]:
+        assert_readers_agree(path)
+
+
+def released_recipe(path):
+    """The released CREMADDataset's log-mel, written out independently: moviepy's
+    audio of the clip, mono mean, librosa mel (n_fft 2048, win 512, hop 353, 256
+    mels), power to dB; fewer than 256 frames are reflect-padded with the odd frame
+    at the start, more are centre-cropped with the odd frame left at the end.
+    Returns (spectrogram (256, 256), frames before fitting)."""
+    import librosa
+    from moviepy import VideoFileClip
+    with VideoFileClip(str(path)) as clip:
+        mono = clip.audio.to_soundarray().T.mean(axis=0)
+    spec = librosa.power_to_db(librosa.feature.melspectrogram(
+        y=mono, sr=44100, n_fft=2048, win_length=512, hop_length=353, n_mels=256))
+    n = spec.shape[1]
+    if n < 256:
+        after = (256 - n) // 2
+        spec = np.pad(spec, ((0, 0), (256 - n - after, after)), 'reflect')
+    else:
+        start = (n - 256) // 2
+        spec = spec[:, start:start + 256]
+    return spec, n
+
+
+def test_pyav_item_equals_moviepy_item_equals_the_released_recipe(full_length_clips):
+    pads = set()
+    for path in full_length_clips:
+        reference, n = released_recipe(path)
+        pads.add((256 - n) % 2 if n < 256 else 'crop')
+        _, pyav = datasets.decode_clip(path, 0, 'pyav')
+        _, moviepy = datasets.decode_clip(path, 0, 'moviepy')
+        np.testing.assert_array_equal(pyav, moviepy)  # same samples, same features
+        np.testing.assert_allclose(moviepy, reference, rtol=0, atol=1e-3)
+    assert {0, 1} <= pads, 'the clips should pad both even and odd frame counts'
 
 
 def test_short_clip_window_repeats_edge_frames():
