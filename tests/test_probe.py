@@ -12,10 +12,8 @@ import torch
 import main
 import model as models
 import probe
-import read_cremad
 from conftest import REPO
 from errors import UserError
-from test_runner import args, newest_run
 
 TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
         'embedding_dim': 4, 'num_embeddings': 8}
@@ -205,26 +203,25 @@ def test_rml_labels_and_a_twin_table_found_by_subject_and_name(tmp_path):
 # ----------------------------------------------------------------------------- runs
 
 @pytest.fixture(scope='module')
-def workdir(twin, tmp_path_factory):
-    path = tmp_path_factory.mktemp('probe')
-    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2,
-                             cache_dir=path / 'cache', progress=False)
-    return path
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp('probe_results')
 
 
 @pytest.fixture(scope='module')
-def tiny_run(workdir):
-    main.main(args(workdir, '--num_epoch=1'))
-    return newest_run(workdir)
+def tiny_run(tiny_splits, results):
+    """A one-epoch run of the proposed model on the tiny twin: its folder."""
+    main.main(tiny_splits(results, '--num_epoch=1'))
+    return sorted(results.glob('2*'))[-1]
 
 
-def probe_args(workdir, run_dir, *extra):
-    return [*args(workdir), f'--timestamp={run_dir.name}', '--bootstrap=50', *extra]
+def probe_args(tiny_splits, results, run_dir, *extra):
+    return tiny_splits(results, f'--timestamp={run_dir.name}', '--bootstrap=50', *extra)
 
 
-def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(workdir, tiny_run):
-    out, report = probe.run(probe_args(workdir, tiny_run, '--probe_epochs=1',
-                                       '--probe_items=3'))
+def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(tiny_splits, results,
+                                                                     tiny_run):
+    argv = probe_args(tiny_splits, results, tiny_run, '--probe_epochs=1', '--probe_items=3')
+    out, report = probe.run(argv)
     assert out.parent == tiny_run and out.name.startswith('probe-')
     for name in ('probe.json', 'probe.md', 'decodability.png', 'recon_image.png',
                  'recon_audio.png'):
@@ -237,19 +234,18 @@ def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(workdir, tin
     assert {'emotion', 'actor', 'gender', 'sentence', 'pitch_shift_st', 'skin_r'} <= set(labels)
     assert labels['emotion']['kind'] == 'class' and labels['light']['kind'] == 'continuous'
     assert 'Probe of the saved model' in (tiny_run / 'log.txt').read_text()
-    again, _ = probe.run(probe_args(workdir, tiny_run, '--probe_epochs=1', '--probe_items=3'))
+    again, _ = probe.run(argv)
     assert again != out
     assert (again / 'probe.json').read_text() == (out / 'probe.json').read_text()
     assert (again / 'probe.md').read_text() == (out / 'probe.md').read_text()
 
 
-def fake_run(workdir, name, **change):
+def fake_run(results, name, **change):
     """A run folder with a config.json and, unless change is empty, an (empty)
     model.pt: enough for the checks made before any work."""
-    run_dir = workdir / 'results' / name
+    run_dir = results / name
     run_dir.mkdir(parents=True)
-    cfg = {**main.header(), 'data_path': str(workdir / 'data'), **change}
-    (run_dir / 'config.json').write_text(json.dumps(cfg))
+    (run_dir / 'config.json').write_text(json.dumps({**main.header(), **change}))
     if change:
         (run_dir / 'model.pt').write_bytes(b'')
     return run_dir
@@ -260,21 +256,22 @@ def fake_run(workdir, name, **change):
     ('20000101-000004', {'base_type': 4}, 'base_type 4 (no mask)'),
     ('20000101-000000', {}, 'has no checkpoint (it never trained)'),
 ])
-def test_runs_that_cannot_be_probed_exit_with_one_line(workdir, name, change, message):
-    run_dir = fake_run(workdir, name, **change)
+def test_runs_that_cannot_be_probed_exit_with_one_line(tiny_splits, results, name, change,
+                                                       message):
+    run_dir = fake_run(results, name, **change)
     before = sorted(run_dir.iterdir())
     with pytest.raises(UserError, match=re.escape(message)):
-        probe.run(probe_args(workdir, run_dir))
+        probe.run(probe_args(tiny_splits, results, run_dir))
     assert sorted(run_dir.iterdir()) == before
 
 
-def test_missing_or_unknown_timestamp_exits(workdir):
+def test_missing_or_unknown_timestamp_exits(tiny_splits, results):
     with pytest.raises(UserError, match='needs --timestamp'):
-        probe.run(args(workdir))
+        probe.run(tiny_splits(results))
     with pytest.raises(UserError, match='20990101-000000.* does not exist'):
-        probe.run(args(workdir, '--timestamp=20990101-000000'))
+        probe.run(tiny_splits(results, '--timestamp=20990101-000000'))
     with pytest.raises(UserError, match='probe_epochs=-1'):
-        probe.run(args(workdir, '--timestamp=20990101-000000', '--probe_epochs=-1'))
+        probe.run(tiny_splits(results, '--timestamp=20990101-000000', '--probe_epochs=-1'))
 
 
 def test_the_script_prints_a_user_error_as_one_line(tmp_path):
