@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import itertools
 import json
 import os
 import pickle
@@ -51,6 +52,26 @@ def write_bytes(path, data):
             f.flush()
             os.fsync(f.fileno())
     write(path, writer)
+
+
+def write_new(path, data):
+    """Write bytes/str to ``path`` or, if that name exists, to ``<stem>-2<suffix>``,
+    ``-3``, ...: never over another file, even one written concurrently (the
+    finished temporary file is hard-linked to the name, which fails if it exists).
+    Returns the path written."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.stem}.tmp{os.getpid()}{path.suffix}')
+    write_bytes(tmp, data)
+    try:
+        for k in itertools.count(1):
+            name = path if k == 1 else path.with_name(f'{path.stem}-{k}{path.suffix}')
+            try:
+                os.link(tmp, name)
+                return name
+            except FileExistsError:
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path, obj, default=None):

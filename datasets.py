@@ -29,6 +29,7 @@ items are identical (same decode, same float32 features).
 """
 import errno
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -96,17 +97,31 @@ def resolve_paths(paths, root=None):
     return [str(p) if root is None else remap_path(p, root) for p in paths]
 
 
+# Allowed values of each label list: 0 .. count-1 (actor: CREMA-D's 91 actors).
+LABEL_COUNTS = {'actor': 91, 'sentence': len(SENTENCES), 'emo': len(EMOTIONS),
+                'level': len(LEVELS), 'age': len(AGES), 'gender': len(GENDERS),
+                'race': len(RACES), 'ethnic': len(ETHNICITIES)}
+
+
 def load_pickles(data_path, split, builder='read_cremad.py'):
-    """(paths, labels) of a split config as stored; a missing file names its builder."""
+    """(paths, labels) of a split config as stored; a missing file names its builder.
+
+    Raises BadValueError naming the file for contents of the wrong type (paths:
+    a list of str; labels: a list of lists of ints)."""
     files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
     for f in files:
         if not f.is_file():
             raise MissingError(f'split config file {f} does not exist: build '
                                f'{data_path} with {builder} --data_path={data_path}')
-    with open(files[0], 'rb') as f:
-        paths = pickle.load(f)
-    with open(files[1], 'rb') as f:
-        labels = pickle.load(f)
+    paths, labels = (_unpickle(f) for f in files)
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
+        raise BadValueError(f'{files[0]} holds {_kind(paths)}, expected a list of clip paths '
+                            '(str)')
+    if (not isinstance(labels, (list, tuple)) or
+            not all(isinstance(x, (list, tuple, np.ndarray)) for x in labels) or
+            not all(_is_int(v) for x in labels for v in x)):
+        raise BadValueError(f'{files[1]} holds {_kind(labels)}, expected a list of label '
+                            'lists of ints')
     return list(paths), labels
 
 
@@ -116,21 +131,59 @@ def load_split(data_path, split):
     return paths, [list(map(int, x)) for x in labels]
 
 
+def _unpickle(path):
+    try:
+        with open(path, 'rb') as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+        raise BadValueError(f'{path} cannot be read as a pickle: {e}') from None
+
+
+def _kind(value):
+    inner = f' of {type(value[0]).__name__}' if isinstance(value, (list, tuple)) and value else ''
+    return f'a {type(value).__name__}{inner}'
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_aligned(paths, labels, where=''):
     """Raise BadValueError unless labels (8 lists) match paths in length and name-derived
-    labels."""
+    labels, and every label is in its range (LABEL_COUNTS)."""
     if len(labels) != len(LABEL_NAMES):
         raise BadValueError(f'{where}: expected {len(LABEL_NAMES)} label lists '
-                         f'({", ".join(LABEL_NAMES)}), got {len(labels)}')
+                            f'({", ".join(LABEL_NAMES)}), got {len(labels)}')
     for name, values in zip(LABEL_NAMES, labels, strict=True):
         if len(values) != len(paths):
             raise BadValueError(f'{where}: {len(paths)} paths but {len(values)} {name} labels')
+        wrong = [(i, v) for i, v in enumerate(values) if not 0 <= v < LABEL_COUNTS[name]]
+        if wrong:
+            i, v = wrong[0]
+            raise BadValueError(f'{where}: {name} label {v} of item {i} ({paths[i]}) is '
+                                f'outside 0..{LABEL_COUNTS[name] - 1} ({len(wrong)} such)')
     for i, path in enumerate(paths):
         # actor, sentence, emotion, level are also spelled in the file name
         got = tuple(labels[k][i] for k in (ACTOR, SENTENCE, EMOTION, LEVEL))
         if got != parse_name(path):
             raise BadValueError(f'{where}: labels of item {i} {got} (actor, sentence, emotion, '
                                 f'level) do not match its file name {path}')
+
+
+def check_disjoint(split_paths, where=''):
+    """Raise BadValueError if a clip (by file name) is in two splits: {split: paths}."""
+    names = {s: {clip_name(p) for p in paths} for s, paths in split_paths.items()}
+    for a, b in itertools.combinations(names, 2):
+        both = sorted(names[a] & names[b])
+        if both:
+            raise BadValueError(f'{where}: {len(both)} clips are in both {a} and {b} (e.g. '
+                                f'{", ".join(both[:3])}); rebuild the split configs with '
+                                'read_cremad.py')
+
+
+def clip_name(path):
+    """'<anything>/VideoFlash/1001_DFA_ANG_XX.flv' (either slash) -> '1001_DFA_ANG_XX'."""
+    return Path(str(path).replace('\\', '/')).stem
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -217,6 +270,23 @@ def check_clips_exist(paths, show=5):
             f'{len(missing)} of {len(paths)} clips are missing ({first}: '
             f'{", ".join(missing[:show])}); set media_root to your CREMA-D copy or rebuild '
             'the split configs with read_cremad.py')
+
+
+def check_clips(paths, progress=True):
+    """Raise MediaError naming how many clips fail media.check_clip (container facts:
+    no audio, frame size, truncated, too short; ~2 ms a clip, no decoding) and the
+    first few with their reasons."""
+    bad = {}
+    for path in tqdm(paths, desc='check clips', unit='clip', disable=not progress or
+                     len(paths) < 500):
+        try:
+            media.check_clip(path, media.probe(path), CLIP_SIZE)
+        except media.MediaError as e:
+            bad[path] = e.reason
+        except Exception as e:  # the container cannot be opened
+            bad[path] = f'cannot decode: {type(e).__name__}: {e}'
+    if bad:
+        raise media.MediaError(describe_bad(bad, len(paths)))
 
 
 def content_hash(path, nbytes=HASH_BYTES):
@@ -340,6 +410,10 @@ def _build(paths, cache_dir, params, workers, progress, drop_bad, decoder=None):
     except BaseException as e:
         print(f'decode-once cache: build stopped ({_why(e)}); removed its temporary folder '
               f'{tmp}', file=sys.stderr, flush=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise NoSpaceError(f'disk full while building the decode-once cache in '
+                               f'{cache_dir}: free space there, or set cache_dir elsewhere, '
+                               'or cache=False') from e
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,10 @@ so a crash leaves a readable log and no half-written file.
 Index convention of the seed's file names: 1 = image, 2 = audio.
 """
 import collections
+import fcntl
+import hashlib
+import json
+import os
 import platform
 import re
 import sys
@@ -25,7 +29,7 @@ import atomic
 import datasets
 import groups as group_metrics
 import model as models
-from errors import BadValueError, MissingError
+from errors import BadValueError, MissingError, UserError
 from read_variances import read_variances
 
 REGULARIZATION_WEIGHT = 1e-4
@@ -144,6 +148,7 @@ CHOICES = {
     'pretrained_timestamp': _timestamp,
     'reset_mask': (False, True),
     'audio_geometry': (None, *datasets.AUDIO_GEOMETRIES),
+    'allow_split_change': (False, True),
     'twin_actors': _non_negative_int,
     'robustness': (False, True),
     'resume': _timestamp,
@@ -219,6 +224,111 @@ def train_variances(cfg):
                           else None)
 
 
+# ----------------------------------------------------------------------------- pre-flight
+
+SPLITS = ('train', 'val', 'test')
+
+
+def preflight(cfg, splits=SPLITS):
+    """Every check that can fail without training, run before a run folder exists.
+
+    Folder settings are paths; data_path exists; its variances are finite and > 0;
+    its split files are well-formed (types, 8 aligned label lists in range) with
+    no clip in two splits and every clip of `splits` present and passing the
+    container checks (media.check_clip, ~2 ms a clip; skipped for splits whose
+    cache exists, as its build checked them); results_dir (and cache_dir)
+    writable, with enough free space for the caches still to build.
+    Raises a UserError whose one line names the file or value; writes nothing.
+    """
+    folders = ('results_dir', 'data_path') + (('cache_dir',) if cfg['cache'] else ())
+    for key in folders:
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            raise BadValueError(f'{key}={cfg[key]!r} must be a folder path (a non-empty str)')
+    data = Path(cfg['data_path'])
+    if not data.is_dir():
+        raise MissingError(f'data_path={str(data)!r} does not exist: build it with '
+                           f'read_cremad.py --data_path={data}')
+    train_variances(cfg)
+    check_writable('results_dir', cfg['results_dir'])
+    if cfg['dataset'] != 'CREMA-D':
+        return
+    paths = check_split_files(data, cfg.get('media_root'), splits)
+    unchecked = list(paths.values())  # clips not yet validated by a cache build
+    if cfg['cache']:
+        check_writable('cache_dir', cfg['cache_dir'])
+        params = datasets.cache_params(frame_jitter(cfg))
+        unchecked = [p for p in unchecked if datasets.damage(
+            Path(cfg['cache_dir']) / datasets.fingerprint(p, params), len(p), params)]
+        datasets.check_free_space(cfg['cache_dir'], sum(map(len, unchecked)), params)
+    datasets.check_clips([p for split_paths in unchecked for p in split_paths])
+
+
+def check_split_files(data_path, media_root, splits=SPLITS):
+    """Check the three CREMA-D split configs of data_path (types, alignment, label
+    ranges, disjoint) and that the clips of `splits` exist: {split: resolved paths}."""
+    loaded = {s: datasets.load_split(data_path, s) for s in SPLITS}
+    for split, (paths, labels) in loaded.items():
+        datasets.check_aligned(paths, labels, where=f'{data_path} split {split!r}')
+    datasets.check_disjoint({s: paths for s, (paths, _) in loaded.items()}, where=str(data_path))
+    resolved = {s: datasets.resolve_paths(loaded[s][0], media_root) for s in splits}
+    for paths in resolved.values():
+        datasets.check_clips_exist(paths)
+    return resolved
+
+
+def check_writable(key, folder):
+    """Raise a UserError unless `folder` is (or can be created as) a writable folder."""
+    path = Path(folder)
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise BadValueError(f'{key}={str(folder)!r}: {path} is a file, not a folder')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadValueError(f'{key}={str(folder)!r}: {path} is not writable; choose another '
+                            f'--{key}')
+
+
+def split_fingerprint(cfg):
+    """{split: {'clips', 'sha1', 'names'}}: what each split of cfg['data_path'] holds
+    (CREMA-D: clip names and labels; other datasets: the split files' bytes)."""
+    out = {}
+    for split in SPLITS:
+        h = hashlib.sha1()
+        if cfg['dataset'] == 'CREMA-D':
+            paths, labels = datasets.load_split(cfg['data_path'], split)
+            names = [datasets.clip_name(p) for p in paths]
+            h.update(json.dumps([names, labels]).encode())
+        else:
+            names = None
+            for f in sorted(Path(cfg['data_path']).glob(f'{split}_*.pkl')):
+                h.update(f.name.encode() + b'\0' + f.read_bytes())
+        out[split] = {'clips': None if names is None else len(names), 'sha1': h.hexdigest(),
+                      'names': names}
+    return out
+
+
+def check_test_split(cfg, run_dir):
+    """None if the test split is the one run_dir was trained with (or the run predates
+    splits.json); else a line saying how it changed, returned if
+    cfg['allow_split_change'] and raised (BadValueError) otherwise."""
+    saved_path = Path(run_dir) / 'splits.json'
+    if not saved_path.is_file():
+        return None
+    saved, now = json.loads(saved_path.read_text()), split_fingerprint(cfg)
+    if saved['test']['sha1'] == now['test']['sha1']:
+        return None
+    msg = f'the test split of {cfg["data_path"]} changed since run {Path(run_dir).name} trained'
+    if saved['train']['names'] and now['test']['names']:
+        trained = set(saved['train']['names'])
+        seen = sum(n in trained for n in now['test']['names'])
+        msg += (f' ({now["test"]["clips"]} test clips now, {saved["test"]["clips"]} then; '
+                f'{seen} of them were in its training split)')
+    if not cfg.get('allow_split_change'):
+        raise BadValueError(msg + '; restore that split, or pass --allow_split_change=True '
+                            'to evaluate anyway (the result then says so)')
+    return msg
+
+
 # ----------------------------------------------------------------------------- files
 
 def save_pickle(path, obj):
@@ -227,6 +337,11 @@ def save_pickle(path, obj):
 
 def save_json(path, obj):
     atomic.write_json(path, obj, default=_jsonable)
+
+
+def save_json_new(path, obj):
+    """save_json under a name no other file has (atomic.write_new); returns the path."""
+    return atomic.write_new(path, json.dumps(obj, indent=1, default=_jsonable) + '\n')
 
 
 def save_torch(path, obj):
@@ -285,20 +400,32 @@ def find_run_dir(results_dir, timestamp, script='main.py'):
 
 class Log:
     """Print and append to log.txt, flushed line by line; lines are numbered, and an
-    appended re-evaluation continues the numbering of the lines already there."""
+    appended re-evaluation continues the numbering of the lines already there.
+
+    Each message is appended under an exclusive lock (flock), so lines of two
+    processes writing one log (two evaluations of a run) stay whole, and the
+    numbering continues from whatever the other process wrote."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.count = _last_line_number(self.path)
         self.file = open(self.path, 'a', buffering=1)
+        self.end = self.file.tell()  # where our last write ended
 
     def __call__(self, msg=''):
-        for line in str(msg).splitlines() or ['']:
-            self.count += 1
-            text = f'[{self.count:04d}] {line}'
-            tqdm.write(text)
-            self.file.write(text + '\n')
-        self.file.flush()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        try:
+            if os.fstat(self.file.fileno()).st_size != self.end:  # another process wrote
+                self.count = _last_line_number(self.path)
+            for line in str(msg).splitlines() or ['']:
+                self.count += 1
+                text = f'[{self.count:04d}] {line}'
+                tqdm.write(text)
+                self.file.write(text + '\n')
+            self.file.flush()
+            self.end = self.file.tell()
+        finally:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
 
     def close(self):
         self.file.close()
@@ -589,6 +716,7 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
                 out = model(image, audio)
             loss, parts = compute_loss(out, image, audio, emotion, variances, model,
                                        cfg['regularization'], cfg['recon_loss'], criterion)
+            check_finite(loss, parts, desc, len(history.get('loss', ())) + 1)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -605,6 +733,23 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
                 targets.append(class_targets(emotion, cfg['dataset']))
     history = {k: torch.stack(v).cpu().tolist() for k, v in history.items()}
     return history, _concat(preds), _concat(targets)
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A NaN or Inf loss: the run stops; nothing is reported as a result."""
+
+
+def check_finite(loss, parts, desc, batch):
+    """Raise NonFiniteLoss naming the epoch (desc), batch and loss terms, before the
+    optimizer step, so the saved checkpoint stays the last finite one. (One host
+    sync per batch: the price of stopping at the first bad batch.)"""
+    if bool(torch.isfinite(loss.detach())):
+        return
+    terms = ', '.join(f'{k} {float(v.detach()):.4g}' for k, v in parts.items())
+    raise NonFiniteLoss(f'non-finite loss {float(loss.detach()):.4g} in '
+                        f'{desc or "evaluation"}, batch {batch} ({terms}); the run stops and '
+                        'reports no result (check the variances in data_path, or lower '
+                        'learning_rate)')
 
 
 def _concat(tensors):

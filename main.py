@@ -78,6 +78,8 @@ resume = None               # 'YYYYmmdd-HHMMSS': continue that interrupted train
 #                             its last.pt (its own config; machine settings from here)
 robustness = False          # with timestamp: test the saved run with a modality removed or
 #                             corrupted (robustness.py), instead of the plain re-evaluation
+allow_split_change = False  # evaluation: test anyway when data_path's test split changed
+#                             since the run trained (the result then says so)
 twin_actors = 0             # > 0: if data_path is missing, synthesize a twin of this many
 #                             actors at twin_root and build its split configs (the demo)
 twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
@@ -87,7 +89,8 @@ twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
 # from the current header and everything else from the run's config.json.
 _RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
                 'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root', 'robustness',
-                'resume', 'tensorboard')
+                'resume', 'tensorboard',
+                'allow_split_change')
 
 
 def header():
@@ -119,6 +122,7 @@ def start_run(cfg, argv):
     log(f'Run folder: {run_dir}')
     log('Config: ' + json.dumps(cfg))
     ex.save_json(run_dir / 'config.json', cfg)
+    ex.save_json(run_dir / 'splits.json', ex.split_fingerprint(cfg))
     ex.save_json(run_dir / 'environment.json', {
         'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
         'versions': ex.versions()})
@@ -211,16 +215,22 @@ def evaluate_saved(cfg, run_dir, log, load=load_model):
     append to the run's log and write eval-<now>.json beside it."""
     log(f'Evaluation of the saved model, {time.strftime("%Y-%m-%d %H:%M:%S")}: '
         f'{cfg["message"]}')
+    changed = ex.check_test_split(cfg, run_dir)
+    if changed:
+        log(f'WARNING: {changed}; evaluating anyway (allow_split_change=True)')
     ex.seed_everything(cfg['seed'])
     runtime = ex.Runtime(cfg)
     loader = ex.make_loaders(cfg, runtime, splits=('test',))['test']
     net, epoch = load(cfg, run_dir, runtime)
     test = ex.evaluate(net, loader, runtime, ex.train_variances(cfg), cfg,
                        groups=True)
-    log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'))
-    name = f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
-    ex.save_json(run_dir / name, {'test': test, 'config': cfg})
-    log(f'Wrote {run_dir / name}')
+    if changed:
+        test['split_changed'] = changed
+    log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'
+                      + (' ON A CHANGED TEST SPLIT' if changed else '')))
+    path = ex.save_json_new(run_dir / f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json',
+                            {'test': test, 'config': cfg})
+    log(f'Wrote {path}')
     return test
 
 
@@ -254,6 +264,8 @@ def main(argv=None):
                           'not both')
     if cfg['timestamp']:
         run_dir, cfg = saved_config(cfg)
+        ex.preflight(cfg, splits=('test',))
+        ex.check_test_split(cfg, run_dir)
         if cfg['robustness']:
             import robustness
             return robustness.evaluate_robustness(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
@@ -266,6 +278,7 @@ def main(argv=None):
         log(f'Resuming the run, {time.strftime("%Y-%m-%d %H:%M:%S")}: argv {argv}')
         return train(cfg, run_dir, log, True)
     prepare_data(cfg)
+    ex.preflight(cfg)
     run_dir, log = start_run(cfg, argv)
     return train(cfg, run_dir, log)
 

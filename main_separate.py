@@ -133,9 +133,12 @@ def run(argv=None):
         raise ConfigError('robustness and resume apply to main.py runs only')
     if cfg['timestamp']:
         run_dir, cfg = main.saved_config(cfg, 'main_separate.py')
+        ex.preflight(cfg, splits=('test',))
+        ex.check_test_split(cfg, run_dir)
         return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'),
                                    load_two_stage)
     main.prepare_data(cfg)
+    ex.preflight(cfg)
     run_dir, log = main.start_run(cfg, argv)
     return train(cfg, run_dir, log)
 

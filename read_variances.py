@@ -1,6 +1,9 @@
 """Training-set variances of a split config, used to normalise the reconstruction losses."""
+import math
 import pickle
 from pathlib import Path
+
+import numpy as np
 
 from errors import BadValueError, MissingError
 
@@ -14,6 +17,8 @@ def read_variances(data_path, layer=None):
     audio_var: variance of their log-mel values. Written by read_cremad.py. A
     feature folder (make_features.py) holds one audio variance per layer: ``layer``
     (1-based) picks one.
+    A value that is not a finite number > 0 (it divides the reconstruction loss)
+    raises BadValueError naming the file.
     """
     values = []
     for name in FILES:
@@ -22,11 +27,18 @@ def read_variances(data_path, layer=None):
             raise MissingError(f'{path} does not exist: build the split config with '
                                f'read_cremad.py --data_path={data_path}')
         with open(path, 'rb') as f:
-            value = pickle.load(f)
+            try:
+                value = pickle.load(f)
+            except (pickle.UnpicklingError, EOFError, ValueError) as e:
+                raise BadValueError(f'{path} cannot be read as a pickle: {e}') from None
         if isinstance(value, (list, tuple)):  # per layer
             if layer is None or not 1 <= layer <= len(value):
                 raise BadValueError(f'{path} holds {len(value)} per-layer variances: give a '
-                                 f'layer in 1..{len(value)}, not {layer!r}')
+                                    f'layer in 1..{len(value)}, not {layer!r}')
             value = value[layer - 1]
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                or not math.isfinite(value) or value <= 0):
+            raise BadValueError(f'{path} holds {value!r}: a variance must be a finite number '
+                                f'> 0; rebuild it with read_cremad.py --data_path={data_path}')
         values.append(float(value))
     return tuple(values)

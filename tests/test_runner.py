@@ -226,28 +226,203 @@ def test_device_loader_matches_the_dataset(workdir):
 
 def test_metrics_do_not_depend_on_num_workers(workdir):
     """Training frames come from (seed, epoch, index), not from worker RNG state."""
-    runs = [main.main(args(workdir, '--num_epoch=2', '--base_type=1', f'--num_workers={w}'))
+    runs = [main.main(args(workdir, '--num_epoch=1', '--base_type=1', f'--num_workers={w}'))
             for w in (0, 1, 2)]
     for other in runs[1:]:
         assert other['confusion_matrix'] == runs[0]['confusion_matrix']
         assert other['class_error'] == runs[0]['class_error']
 
 
-def test_a_crash_keeps_the_log_and_names_the_clip(workdir, tmp_path):
-    """A clip that vanished mid-project: the run stops with an error naming it and
-    its log keeps everything up to the traceback."""
+def copy_data(workdir, tmp_path):
     import shutil
-
-    import media
     data = tmp_path / 'data'
     shutil.copytree(workdir / 'data', data)
+    return data
+
+
+def dump(path, obj):
+    path.write_bytes(pickle.dumps(obj))
+
+
+def spoil_labels(index, value):
+    def spoil(data):
+        labels = pickle.loads((data / 'test_labels.pkl').read_bytes())
+        labels[index][0] = value
+        dump(data / 'test_labels.pkl', labels)
+    return spoil
+
+
+def move_clip_to_test(data):
+    for kind in ('videos', 'labels'):
+        train = pickle.loads((data / f'train_{kind}.pkl').read_bytes())
+        test = pickle.loads((data / f'test_{kind}.pkl').read_bytes())
+        if kind == 'videos':
+            test[0] = train[0]
+        else:
+            for k in range(8):
+                test[k][0] = train[k][0]
+        dump(data / f'test_{kind}.pkl', test)
+
+
+def vanish_clip(data):
     paths = pickle.loads((data / 'train_videos.pkl').read_bytes())
-    name = paths[0].rsplit('/', 1)[-1]
-    paths[0] = str(tmp_path / 'gone' / 'VideoFlash' / name)           # does not exist
-    (data / 'train_videos.pkl').write_bytes(pickle.dumps(paths))
-    with pytest.raises(media.MediaError, match=name):
-        main.main(args(workdir, f'--data_path={data}', '--cache=False', '--num_epoch=1',
-                       '--shuffle=False', f'--results_dir={tmp_path / "results"}'))
-    log = next((tmp_path / 'results').iterdir()) / 'log.txt'
-    text = log.read_text()
-    assert 'Config:' in text and 'Run failed' in text and name in text
+    paths[0] = paths[0].replace('VideoFlash', 'Gone/VideoFlash')
+    dump(data / 'train_videos.pkl', paths)
+
+
+def truncate_clip(data):
+    import shutil
+    paths = pickle.loads((data / 'train_videos.pkl').read_bytes())
+    copy = data / 'VideoFlash' / paths[0].rsplit('/', 1)[1]
+    copy.parent.mkdir()
+    shutil.copy(paths[0], copy)
+    copy.write_bytes(copy.read_bytes()[:copy.stat().st_size // 3])
+    paths[0] = str(copy)
+    dump(data / 'train_videos.pkl', paths)
+
+
+# (how the data_path copy is spoiled or which option is bad, words of the one line)
+PREFLIGHT = {
+    'missing data_path': (lambda data: __import__('shutil').rmtree(data), 'does not exist'),
+    'nan variance': (lambda data: dump(data / 'train_image_var.pkl', float('nan')),
+                     'train_image_var.pkl holds nan'),
+    'zero variance': (lambda data: dump(data / 'train_audio_var.pkl', 0.0),
+                      'train_audio_var.pkl holds 0.0'),
+    'negative variance': (lambda data: dump(data / 'train_image_var.pkl', -1.0),
+                          'finite number > 0'),
+    'missing variance': (lambda data: (data / 'train_audio_var.pkl').unlink(),
+                         'train_audio_var.pkl does not exist'),
+    'videos.pkl holds a dict': (lambda data: dump(data / 'val_videos.pkl', {'a': 1}),
+                                'val_videos.pkl holds a dict'),
+    'race -3': (spoil_labels(6, -3), 'race label -3 of item 0'),
+    'gender 9': (spoil_labels(5, 9), 'gender label 9 of item 0'),
+    'clip in two splits': (move_clip_to_test, '1 clips are in both train and test'),
+    'vanished clip': (vanish_clip, '1 of 52 clips are missing'),
+    'truncated clip': (truncate_clip, '1 of 66 clips cannot be used: .*truncated'),
+    'results_dir=None': ('--results_dir=None', 'results_dir=None must be a folder path'),
+    'cache_dir under a file': ('--cache_dir=CONFIG/train_videos.pkl/cache', 'is a file'),
+    'read-only results_dir': ('READONLY', 'is not writable'),
+    'no space for the cache': ('NOSPACE', 'not enough free space for the decode-once cache'),
+}
+
+
+@pytest.mark.parametrize('case', PREFLIGHT)
+def test_preflight_fails_in_one_line_and_writes_nothing(workdir, tmp_path, monkeypatch, case):
+    spoil, words = PREFLIGHT[case]
+    data = copy_data(workdir, tmp_path)
+    extra = [f'--data_path={data}', f'--results_dir={tmp_path / "results"}',
+             f'--cache_dir={tmp_path / "cache"}']
+    if callable(spoil):
+        spoil(data)
+    elif spoil == 'READONLY':
+        import os
+        access = os.access
+        monkeypatch.setattr(os, 'access', lambda p, mode: access(p, mode) and p != tmp_path)
+    elif spoil == 'NOSPACE':
+        import shutil
+        monkeypatch.setattr(shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(1, 1, 1))
+    else:
+        extra.append(spoil.replace('CONFIG', str(data)))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for script in (main.main, main_separate.run):
+        with pytest.raises(errors.UserError, match=words) as error:
+            script(args(workdir, *extra))
+        assert '\n' not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # no results/, no cache/
+
+
+def test_preflight_exit_status_and_one_line(workdir, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'main.py'), *args(workdir),
+                           '--results_dir=None'], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        'main.py: results_dir=None must be a folder path (a non-empty str)']
+
+
+def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeypatch):
+    """The first NaN batch stops the run with the epoch, batch and loss terms; the log
+    keeps everything up to it; no metrics."""
+    import experiment as ex
+    compute, calls = ex.compute_loss, []
+
+    def poisoned(*a, **k):
+        loss, parts = compute(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            parts['recon_error1'] = parts['recon_error1'] * float('nan')
+            loss = sum(parts.values())
+        return loss, parts
+    monkeypatch.setattr(ex, 'compute_loss', poisoned)
+    with pytest.raises(ex.NonFiniteLoss, match=r'in epoch 1 train, batch 3 \(.*recon_error1 nan'):
+        main.main(args(workdir, '--num_epoch=1', f'--results_dir={tmp_path / "results"}'))
+    run_dir = next((tmp_path / 'results').iterdir())
+    assert not (run_dir / 'metrics.json').exists()
+    text = (run_dir / 'log.txt').read_text()
+    assert 'Config:' in text and 'Run failed' in text and 'non-finite loss' in text
+
+
+def test_reevaluation_refuses_a_changed_test_split(run, workdir, tmp_path):
+    """data_path re-split after training, so that the run trained on test clips:
+    refused, unless allowed (then the result says so)."""
+    import shutil
+    run_dir, _ = run
+    assert json.loads((run_dir / 'splits.json').read_text())['test']['clips'] == 7
+    data, backup = workdir / 'data', copy_data(workdir, tmp_path)
+    try:
+        for kind in ('videos', 'labels'):   # the test split is now the first 7 training clips
+            train = pickle.loads((data / f'train_{kind}.pkl').read_bytes())
+            dump(data / f'train_{kind}.pkl', [x[7:] for x in train] if kind == 'labels'
+                 else train[7:])
+            dump(data / f'test_{kind}.pkl', [x[:7] for x in train] if kind == 'labels'
+                 else train[:7])
+        again = args(workdir, f'--timestamp={run_dir.name}')
+        log_before = (run_dir / 'log.txt').read_text()
+        with pytest.raises(errors.BadValueError, match='7 of them were in its training split'):
+            main.main(again)
+        assert (run_dir / 'log.txt').read_text() == log_before
+        test = main.main([*again, '--allow_split_change=True'])
+    finally:
+        shutil.rmtree(data)
+        shutil.copytree(backup, data)
+    assert 'changed' in test['split_changed']
+    evals = sorted(run_dir.glob('eval-*.json'), key=lambda p: p.stat().st_mtime)
+    assert 'split_changed' in json.loads(evals[-1].read_text())['test']
+    assert 'ON A CHANGED TEST SPLIT' in (run_dir / 'log.txt').read_text()
+
+
+def test_eval_files_never_collide(tmp_path):
+    import atomic
+    names = [atomic.write_new(tmp_path / 'eval-1.json', str(k)) for k in range(3)]
+    assert [p.name for p in names] == ['eval-1.json', 'eval-1-2.json', 'eval-1-3.json']
+    assert [p.read_text() for p in names] == ['0', '1', '2']
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in names)
+
+
+def _write_log(path, tag, count):
+    import experiment as ex
+    log = ex.Log(path)
+    for k in range(count):
+        log(f'{tag} {k} first line\n{tag} {k} second line')
+    log.close()
+
+
+def test_log_lines_of_two_processes_stay_whole_and_numbered(tmp_path):
+    import multiprocessing
+    import re
+    path = tmp_path / 'log.txt'
+    procs = [multiprocessing.get_context('fork').Process(target=_write_log,
+                                                          args=(path, tag, 300))
+             for tag in 'AB']
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 * 300 * 2
+    pattern = re.compile(r'\[(\d{4})\] ([AB]) (\d+) (first|second) line$')
+    matches = [pattern.match(line) for line in lines]
+    assert all(matches)
+    assert [int(m[1]) for m in matches] == list(range(1, len(lines) + 1))
+    for first, second in zip(matches[::2], matches[1::2], strict=True):  # messages whole
+        assert (first[2], first[3], first[4], second[4]) == (second[2], second[3], 'first',
+                                                               'second')
