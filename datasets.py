@@ -103,11 +103,12 @@ LABEL_COUNTS = {'actor': 91, 'sentence': len(SENTENCES), 'emo': len(EMOTIONS),
                 'race': len(RACES), 'ethnic': len(ETHNICITIES)}
 
 
-def load_pickles(data_path, split, builder='read_cremad.py'):
+def load_pickles(data_path, split, builder='read_cremad.py', flat=False):
     """(paths, labels) of a split config as stored; a missing file names its builder.
 
     Raises BadValueError naming the file for contents of the wrong type (paths:
-    a list of str; labels: a list of lists of ints)."""
+    a list of str; labels: a list of lists of ints, or with flat=True one list of
+    ints, as RML's one emotion list)."""
     files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
     for f in files:
         if not f.is_file():
@@ -117,11 +118,12 @@ def load_pickles(data_path, split, builder='read_cremad.py'):
     if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
         raise BadValueError(f'{files[0]} holds {_kind(paths)}, expected a list of clip paths '
                             '(str)')
+    lists = [labels] if flat else labels
     if (not isinstance(labels, (list, tuple)) or
-            not all(isinstance(x, (list, tuple, np.ndarray)) for x in labels) or
-            not all(_is_int(v) for x in labels for v in x)):
-        raise BadValueError(f'{files[1]} holds {_kind(labels)}, expected a list of label '
-                            'lists of ints')
+            not all(isinstance(x, (list, tuple, np.ndarray)) for x in lists) or
+            not all(_is_int(v) for x in lists for v in x)):
+        raise BadValueError(f'{files[1]} holds {_kind(labels)}, expected a list of '
+                            + ('ints (one label per clip)' if flat else 'label lists of ints'))
     return list(paths), labels
 
 
@@ -750,7 +752,7 @@ def modify_choices(n, seed):
 
 def load_rml_split(data_path, split):
     """(paths, emotions) of an RML split config, checked against the clip names."""
-    paths, labels = load_pickles(data_path, split, builder='read_rml.py')
+    paths, labels = load_pickles(data_path, split, builder='read_rml.py', flat=True)
     where = f'{data_path} split {split!r}'
     if len(labels) != len(paths):
         raise BadValueError(f'{where}: {len(paths)} paths but {len(labels)} emotion labels')
