@@ -240,6 +240,23 @@ def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(tiny_splits,
     assert (again / 'probe.md').read_text() == (out / 'probe.md').read_text()
 
 
+@pytest.mark.parametrize('script, extra', [
+    ('main', ['--base_type=3']),
+    ('main_separate', ['--num_epoch_vae=1', '--num_epoch_solver=1'])])
+def test_base_type_3_and_two_stage_runs_are_probed(tiny_splits, tmp_path, script, extra):
+    """base_type 3: pre-VQ codes, no decoders, so no reconstructions; a two-stage run:
+    its two checkpoints."""
+    import main_separate
+    entry = main.main if script == 'main' else main_separate.run
+    entry(tiny_splits(tmp_path, '--num_epoch=1', *extra))
+    run_dir = sorted(tmp_path.glob('2*'))[-1]
+    out, report = probe.run(probe_args(tiny_splits, tmp_path, run_dir,
+                                       '--probe_permutations=0'))
+    assert (report['reconstruction'] is None) == (script == 'main')
+    assert (out / 'recon_image.png').is_file() == (script == 'main_separate')
+    assert report['labels']['emotion']['kind'] == 'class'
+
+
 def fake_run(results, name, **change):
     """A run folder with a config.json and, unless change is empty, an (empty)
     model.pt: enough for the checks made before any work."""
