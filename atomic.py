@@ -25,6 +25,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from errors import ExistsError
+
 
 def write(path, writer):
     """Call writer(temporary_path), then rename the result to path.
@@ -123,9 +125,9 @@ def write_folder(target, fill, overwrite=False):
 
     An interruption (an exception, SIGTERM, or SIGKILL followed by
     remove_stale_temps) leaves ``target`` as it was. overwrite=False refuses a
-    non-empty target with FileExistsError, decided by the rename itself, so two
-    concurrent writers cannot both succeed; overwrite=True swaps the folders in
-    one atomic exchange (Linux renameat2), then removes the old one.
+    non-empty target with ExistsError (a FileExistsError), decided by the rename
+    itself, so two concurrent writers cannot both succeed; overwrite=True swaps
+    the folders in one atomic exchange (Linux renameat2), then removes the old one.
     """
     target = Path(target)
     tmp = temp_folder(target)
@@ -145,8 +147,8 @@ def _publish(tmp, target, overwrite):
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
         if not overwrite:
-            raise FileExistsError(f'{target} already exists and is not empty; pass '
-                                  'overwrite=True (--overwrite=True) to replace it') from None
+            raise ExistsError(f'{target} already exists and is not empty (another process '
+                              'wrote it meanwhile?); pass --overwrite=True to replace it') from None
     exchange(tmp, target)
 
 
