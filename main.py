@@ -274,6 +274,7 @@ def main(argv=None):
         raise ConfigError('robustness=True evaluates a saved run: give --timestamp=<run>')
     if cfg['resume']:
         run_dir, cfg = resumable(cfg)
+        ex.preflight(cfg)
         log = ex.Log(run_dir / 'log.txt')
         log(f'Resuming the run, {time.strftime("%Y-%m-%d %H:%M:%S")}: argv {argv}')
         return train(cfg, run_dir, log, True)

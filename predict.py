@@ -102,13 +102,9 @@ def run(argv=None):
     runtime = ex.Runtime(cfg)
     net, epoch = load(cfg, run_dir, runtime)
     predictions, skipped = predict(net, runtime, cfg, clips)
-    out = run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
-    for n in range(1, 1000):  # a second call in the same second gets its own file
-        if not out.exists():
-            break
-        out = run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}-{n}.json'
-    ex.save_json(out, {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
-                       'skipped': skipped})
+    out = ex.save_json_new(run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}.json',
+                           {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
+                            'skipped': skipped})
     print(f'{len(predictions)} predicted, {len(skipped)} skipped; wrote {out}')
     if not predictions:
         raise UserError(f'no clip could be read ({len(skipped)} skipped, named above)')
