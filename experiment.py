@@ -785,7 +785,7 @@ def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     if len(preds):
         names = datasets.CLASS_NAMES[cfg['dataset']]
         metrics.update(classification_metrics(preds, targets, len(names), names))
-        if groups and isinstance(loader.dataset, datasets.CREMADDataset):
+        if groups and cfg['dataset'] == 'CREMA-D':  # RMLDataset is a CREMADDataset too
             metrics['groups'] = split_groups(loader.dataset, preds, targets)
     metrics['mask'] = model.mask_ratios()
     return metrics
