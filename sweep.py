@@ -263,6 +263,8 @@ def summarize_rows(rows):
             if ref == s or ref not in groups:
                 continue
             seeds = sorted(set(g) & set(groups[ref]))
+            if not seeds:  # no seed in common: nothing to pair
+                continue
             comparisons.append({'setting': s, 'reference': ref, 'seeds': seeds, **{
                 m: paired([g[i][m] for i in seeds], [groups[ref][i][m] for i in seeds])
                 for m in METRICS}})

@@ -42,6 +42,8 @@ def test_summary_groups_settings_and_pairs_seeds():
     assert keys == ['base_type']
     assert [s['accuracy']['n'] for s in settings] == [3, 4]
     (c,) = comparisons
+    rows.append(row(3, 5, 0.9))                  # no seed in common with base_type 0
+    assert len(sweep.summarize_rows(rows)[2]) == 1
     assert c['seeds'] == [0, 1, 2]                 # seed 3 has no partner
     assert c['accuracy']['diff'] == pytest.approx(-0.05)
     assert c['macro_f1']['diff'] == pytest.approx(-0.025)
