@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 import atomic
 import datasets
+import distributed as dist
 import groups as group_metrics
 import model as models
 from errors import BadValueError, MissingError, UserError
@@ -142,6 +144,8 @@ CHOICES = {
     'num_workers': _non_negative_int,
     'amp': ('auto', 'bf16', 'off'),
     'channels_last': ('auto', True, False),
+    'compile': (False, True),
+    'sync_bn': (True, False),
     'cache': (True, False),
     'data_on_gpu': (False, True),
     'frame_jitter': _frame_jitter,
@@ -205,7 +209,22 @@ def check_config(cfg):
         raise ValueError('data_on_gpu=True needs cache=True (it samples from the cache)')
     if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
         raise ValueError("data_on_gpu=True needs a CUDA device; it is off on 'cpu'")
+    check_distributed(cfg, dist.context())
     models.validate_config(model_config(cfg))
+
+
+def check_distributed(cfg, ctx):
+    """Settings a run of ctx.world_size processes (torchrun) cannot take."""
+    if ctx.world_size == 1:
+        return
+    if cfg.get('robustness'):
+        raise ValueError('robustness=True evaluates in one process: run it without torchrun')
+    if cfg['batch_size'] % ctx.world_size:
+        raise ValueError(f"batch_size={cfg['batch_size']} is the global batch and must divide "
+                         f"by the {ctx.world_size} processes of this torchrun")
+    if str(cfg['device']).startswith('cuda:'):
+        raise ValueError(f"device={cfg['device']!r}: under torchrun each process uses "
+                         f"cuda:LOCAL_RANK; use 'auto' or 'cuda'")
 
 
 def model_config(cfg):
@@ -404,15 +423,20 @@ class Log:
 
     Each message is appended under an exclusive lock (flock), so lines of two
     processes writing one log (two evaluations of a run) stay whole, and the
-    numbering continues from whatever the other process wrote."""
+    numbering continues from whatever the other process wrote.
 
-    def __init__(self, path):
-        self.path = Path(path)
+    Under torchrun only rank 0 logs; the other ranks write their failure (error())
+    and nothing else."""
+
+    def __init__(self, path, rank=0):
+        self.path, self.rank = Path(path), rank
         self.count = _last_line_number(self.path)
-        self.file = open(self.path, 'a', buffering=1)
-        self.end = self.file.tell()  # where our last write ended
+        self.file = open(self.path, 'a', buffering=1) if rank == 0 else None
+        self.end = self.file.tell() if self.file else 0  # where our last write ended
 
     def __call__(self, msg=''):
+        if self.file is None:
+            return
         fcntl.flock(self.file, fcntl.LOCK_EX)
         try:
             if os.fstat(self.file.fileno()).st_size != self.end:  # another process wrote
@@ -427,8 +451,20 @@ class Log:
         finally:
             fcntl.flock(self.file, fcntl.LOCK_UN)
 
+    def error(self, msg):
+        """A failure, from any rank (the run folder may be on another node: then stderr)."""
+        if self.file is not None:
+            return self(msg)
+        text = ''.join(f'[rank {self.rank}] {line}\n' for line in str(msg).splitlines())
+        try:
+            with open(self.path, 'a') as f:
+                f.write(text)
+        except OSError:
+            sys.stderr.write(text)
+
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _last_line_number(path):
@@ -466,11 +502,16 @@ def seed_everything(seed):
 
 
 def resolve_device(cfg):
+    """The configured device; under torchrun a CUDA run uses cuda:LOCAL_RANK."""
     if cfg['device'] == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(cfg['device'])
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    else:
+        device = torch.device(cfg['device'])
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device={cfg['device']!r} but CUDA is not available; use 'auto' or 'cpu'")
+    ctx = dist.context()
+    if device.type == 'cuda' and ctx.world_size > 1:
+        device = torch.device('cuda', ctx.local_rank)
     return device
 
 
@@ -484,6 +525,14 @@ class Runtime:
         self.channels_last = cfg['channels_last'] is True or (cfg['channels_last'] == 'auto'
                                                               and cuda)
         self.pin_memory = cuda
+        self.compile, self.compile_problem = bool(cfg.get('compile', False)), None
+        if self.compile:
+            self.compile_problem = compile_problem(self.device)
+            self.compile = self.compile_problem is None
+
+    def compiled(self, model):
+        """torch.compile(model) when compile=True works here, else model."""
+        return torch.compile(model) if self.compile else model
 
     def autocast(self):
         """bf16 autocast (the VQ distances stay fp32 inside model.py)."""
@@ -506,8 +555,27 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def describe(self):
-        return (f'device {self.device}, bf16 autocast {"on" if self.amp else "off"}, '
-                f'channels_last {"on" if self.channels_last else "off"}')
+        ctx = dist.context()
+        text = (f'device {self.device}, bf16 autocast {"on" if self.amp else "off"}, '
+                f'channels_last {"on" if self.channels_last else "off"}, '
+                f'torch.compile {"on" if self.compile else "off"}')
+        if self.compile_problem:
+            text += (f'\ncompile=True: torch.compile does not work here '
+                     f'({self.compile_problem}); training without it')
+        if ctx.world_size > 1:
+            text += f'; process {ctx.rank} of {ctx.world_size} (torchrun)'
+        return text
+
+
+def compile_problem(device):
+    """None if torch.compile works on device, else why not (a tiny function is compiled:
+    no C++ compiler, no Triton, an unsupported Python all fail there)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means: run uncompiled
+        first = str(e).strip().splitlines()
+        return f'{type(e).__name__}: {first[0] if first else ""}'
+    return None
 
 
 # ----------------------------------------------------------------------------- data
@@ -557,10 +625,10 @@ class DeviceLoader:
     draws come from a generator seeded by (seed, epoch) (see set_epoch).
     """
 
-    def __init__(self, dataset, *, batch_size, train, shuffle, drop_last, device, seed):
+    def __init__(self, dataset, *, batch_size, train, sampler, drop_last, device, seed):
         arrays = dataset.arrays()
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.sampler, self.drop_last = sampler, drop_last
         self.jitter = (arrays['frames'].shape[1] - 1) // 2
         self.frames = _to_device(arrays['frames'], device)   # (N, 2J+1, 128, 128, 3) uint8
         self.specs = _to_device(arrays['specs'], device)     # (N, 256, 256) float32
@@ -570,22 +638,24 @@ class DeviceLoader:
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
 
     def __len__(self):
-        n = len(self.dataset)
+        n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n, device = len(self.dataset), self.frames.device
+        device = self.frames.device
+        order = torch.as_tensor(list(self.sampler), device=device)  # this rank's items
         self.generator.manual_seed(datasets.epoch_seed(self.seed, self.epoch))
-        order = (torch.randperm(n, device=device, generator=self.generator)
-                 if self.shuffle else torch.arange(n, device=device))
+        # one draw per item of the split, picked by index: an item's frame depends on
+        # (seed, epoch, index) only, not on its rank or its place in the batch
+        offsets = torch.randint(0, 2 * self.jitter + 1, (len(self.dataset),), device=device,
+                                generator=self.generator)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            offset = torch.full_like(idx, self.jitter)
-            if self.train and self.jitter:
-                offset = torch.randint(0, 2 * self.jitter + 1, idx.shape, device=device,
-                                       generator=self.generator)
+            offset = offsets[idx] if self.train else torch.full_like(idx, self.jitter)
             image = self.frames[idx, offset].permute(0, 3, 1, 2).float().div_(255)
             audio = self.specs[idx].unsqueeze(1)
             yield (image, audio, *self.labels[idx].unbind(1))
@@ -602,23 +672,30 @@ def _to_device(array, device, chunk=256):
 
 
 def make_loader(dataset, cfg, runtime, *, train):
-    """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']);
-    shuffles the training split only. A training loader's draws (order, frames)
-    are a function of (seed, epoch): call set_epoch(loader, epoch) before each epoch."""
+    """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']) over
+    this process's items. Training: a per-epoch shuffle seeded by (seed, epoch) (if
+    cfg['shuffle']) whose draws (order, frames) are a function of (seed, epoch): call
+    set_epoch(loader, epoch) before each epoch. Evaluation: every item in order. Under
+    torchrun of N processes each takes 1/N of the items and cfg['batch_size'] / N per
+    batch: batch_size is the global batch, and the N ranks' t-th batches together are
+    the one-process run's t-th batch."""
+    world = dist.context().world_size
+    sampler = (dist.train_sampler(dataset, shuffle=cfg['shuffle'], seed=cfg['seed']) if train
+               else dist.ShardSampler(dataset))
+    batch_size = cfg['batch_size'] // world
     # As released, training keeps the last partial batch, except one of a single
     # item: the solver's BatchNorm1d cannot train on one value per channel.
-    drop_last = train and len(dataset) % cfg['batch_size'] == 1 and len(dataset) > 1
+    drop_last = train and len(sampler) % batch_size == 1 and len(sampler) > 1
     if cfg['data_on_gpu']:
-        return DeviceLoader(dataset, batch_size=cfg['batch_size'], train=train,
-                            shuffle=train and cfg['shuffle'], drop_last=drop_last,
-                            device=runtime.device, seed=cfg['seed'])
+        return DeviceLoader(dataset, batch_size=batch_size, train=train, sampler=sampler,
+                            drop_last=drop_last, device=runtime.device, seed=cfg['seed'])
     generator = torch.Generator().manual_seed(cfg['seed'])
     workers = cfg['num_workers']
-    sampler = (datasets.EpochSampler(len(dataset), cfg['seed'], cfg['shuffle']) if train
-               else None)
+    if train:  # (epoch, index) keys: frame draws independent of workers and ranks
+        sampler = datasets.EpochSampler(len(dataset), sampler=sampler)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg['batch_size'], sampler=sampler,
-        num_workers=workers, pin_memory=runtime.pin_memory, generator=generator,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=runtime.pin_memory, generator=generator,
         persistent_workers=workers > 0, drop_last=drop_last)
 
 
@@ -638,7 +715,8 @@ def setup(cfg, log):
     seed_everything(cfg['seed'])
     runtime = Runtime(cfg)
     log(runtime.describe())
-    loaders = make_loaders(cfg, runtime)
+    with dist.main_first():  # rank 0 builds a missing cache, the others then open it
+        loaders = make_loaders(cfg, runtime)
     variances = train_variances(cfg)
     log(f'Data: {cfg["data_path"]}: ' + ', '.join(
         f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
@@ -698,25 +776,35 @@ def describe_loss(cfg):
             f"{reg}; terms a model does not produce are skipped")
 
 
-def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
-    """One pass over loader; trains when an optimizer is given.
+class EpochResult(NamedTuple):
+    history: dict         # per-batch lists of the logged quantities
+    preds: np.ndarray     # (items,) predicted classes of all ranks; empty without logits
+    targets: np.ndarray   # (items,) their labels
+    sizes: list           # items per batch of this rank
 
-    Returns (per-batch lists of the logged quantities, predictions, targets);
-    predictions is empty for models without logits.
-    """
+
+def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
+    """One pass over loader; trains when an optimizer is given -> EpochResult.
+
+    model may be wrapped (DDP, torch.compile). Under torchrun the training history
+    is the mean over ranks of each step (the global batch's values, ranks holding
+    equal shares) and the predictions are gathered from all ranks."""
     training = optimizer is not None
     criterion = class_criterion(cfg['dataset'])
     model.train(training)
-    history, preds, targets = {}, [], []
+    plain = dist.unwrap(model)
+    history, preds, targets, sizes = {}, [], [], []
     grad = nullcontext() if training else torch.no_grad()
     with grad:
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                          disable=not dist.is_main()):
             image, audio, (emotion, *_) = runtime.to_device(batch)
             with runtime.autocast():
                 out = model(image, audio)
-            loss, parts = compute_loss(out, image, audio, emotion, variances, model,
+            loss, parts = compute_loss(out, image, audio, emotion, variances, plain,
                                        cfg['regularization'], cfg['recon_loss'], criterion)
             check_finite(loss, parts, desc, len(history.get('loss', ())) + 1)
+            sizes.append(len(emotion))
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -731,8 +819,14 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
             if out.logits is not None:
                 preds.append(out.logits.argmax(1))
                 targets.append(class_targets(emotion, cfg['dataset']))
-    history = {k: torch.stack(v).cpu().tolist() for k, v in history.items()}
-    return history, _concat(preds), _concat(targets)
+    history = {k: torch.stack(v) for k, v in history.items()}  # (steps,) each
+    if training and history:  # one all-reduce of (keys, steps) per epoch
+        means = dist.mean_over_ranks(torch.stack(list(history.values())))
+        history = dict(zip(history, means, strict=True))
+    history = {k: v.cpu().tolist() for k, v in history.items()}
+    preds, targets = (dist.interleave(x) for x in zip(*dist.all_gather(
+        (_concat(preds), _concat(targets))), strict=True))
+    return EpochResult(history, preds, targets, sizes)
 
 
 class NonFiniteLoss(UserError, FloatingPointError):
@@ -769,6 +863,16 @@ def classification_metrics(preds, targets, num_classes, names=datasets.EMOTIONS)
             'confusion_matrix': cm.tolist(), 'num_samples': int(cm.sum())}
 
 
+def item_means(history, sizes):
+    """Means over the items of all ranks of per-batch means (history lists, batch sizes).
+
+    Exact for per-item losses; perplexity, a per-batch statistic, is batch-weighted."""
+    sums = {k: float(np.dot(v, sizes)) for k, v in history.items()}
+    shards = dist.all_gather((sums, sum(sizes)))
+    total = max(sum(n for _, n in shards), 1)
+    return {k: sum(s[k] for s, _ in shards) / total for k in sums}
+
+
 def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     """Deterministic evaluation: eval mode, fixed frames, seeded randomizer masks.
 
@@ -778,10 +882,12 @@ def evaluate(model, loader, runtime, variances, cfg, desc='test', groups=False):
     The seeding happens on a forked RNG so that training, which calls this every
     epoch, does not restart its dropout and mask draws from the same state."""
     devices = [runtime.device] if runtime.device.type == 'cuda' else []
+    model = dist.unwrap(model)  # no collectives: ranks may hold one batch more or less
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg['seed'])
-        history, preds, targets = run_epoch(model, loader, runtime, variances, cfg, desc=desc)
-    metrics = {k: float(np.mean(v)) for k, v in history.items()}
+        history, preds, targets, sizes = run_epoch(model, loader, runtime, variances, cfg,
+                                                   desc=desc)
+    metrics = item_means(history, sizes)
     if len(preds):
         names = datasets.CLASS_NAMES[cfg['dataset']]
         metrics.update(classification_metrics(preds, targets, len(names), names))
@@ -813,6 +919,7 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     like the seed's pickles (class_error, res_recon_error1/2, res_perplexity1/2).
     """
     num_epoch = num_epoch or cfg['num_epoch']
+    trainer = runtime.compiled(dist.wrap(model, runtime.device, sync_bn=cfg['sync_bn']))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['learning_rate'])
     history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
@@ -820,11 +927,13 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     if resume:
         first, best, history = load_state(last, model, optimizer, loaders, runtime)
         log(f'Resumed from {last} after epoch {first - 1} (best val {monitor} {best:.4f})')
+    if dist.active():  # same weights everywhere (DDP broadcast them), own dropout draws
+        torch.manual_seed(cfg['seed'] + 1000 * dist.context().rank + first)
     for epoch in range(first, num_epoch + 1):
         start = time.time()
         set_epoch(loaders['train'], epoch)
-        train, preds, targets = run_epoch(model, loaders['train'], runtime, variances, cfg,
-                                          optimizer, desc=f'epoch {epoch} train')
+        train, preds, targets, _ = run_epoch(trainer, loaders['train'], runtime, variances,
+                                             cfg, optimizer, desc=f'epoch {epoch} train')
         val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')
         for key, values in train.items():
             history['train'].setdefault(key, []).extend(values)
@@ -835,14 +944,15 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
         history['epoch_seconds'].append(time.time() - start)
         train_acc = float((preds == targets).mean()) if len(preds) else None
         log(epoch_block(epoch, num_epoch, train, train_acc, val, history['epoch_seconds'][-1]))
-        if on_epoch is not None:
+        if on_epoch is not None and dist.is_main():
             on_epoch(epoch, train, val, model)
-        if val.get(monitor, float('inf')) < best or epoch == 1:
+        if val.get(monitor, float('inf')) < best or epoch == 1:  # equal on every rank
             best = val.get(monitor, float('inf'))
-            save_torch(checkpoint, {'model': (save or model).state_dict(), 'config': cfg,
-                                    'epoch': epoch, f'val_{monitor}': best})
+            if dist.is_main():
+                save_torch(checkpoint, {'model': (save or model).state_dict(), 'config': cfg,
+                                        'epoch': epoch, f'val_{monitor}': best})
             log(f'  saved {Path(checkpoint).name} (best val {monitor} {best:.4f})')
-        if last is not None:
+        if last is not None and dist.is_main():
             save_state(last, model, optimizer, loaders, epoch, best, history)
     return history
 
@@ -867,7 +977,7 @@ def load_state(path, model, optimizer, loaders, runtime):
     returns (first epoch to train, best-so-far, history)."""
     import random
     # our own file: it holds numpy/python RNG states, which weights_only refuses
-    state = torch.load(path, map_location=runtime.device, weights_only=False)
+    state = load_checkpoint(path, weights_only=False)
     model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     rng = state['rng']
@@ -879,6 +989,11 @@ def load_state(path, model, optimizer, loaders, runtime):
     for key, generator_state in rng['loaders'].items():
         loaders[key].generator.set_state(generator_state.cpu())
     return state['epoch'] + 1, state['best'], state['history']
+def load_checkpoint(path, weights_only=True):
+    """A checkpoint dict read by rank 0 and sent to every rank (the run folder may exist
+    on rank 0's node only); tensors on the CPU (load_state_dict moves them)."""
+    return dist.broadcast(torch.load(path, map_location='cpu', weights_only=weights_only)
+                          if dist.is_main() else None)
 
 
 def epoch_block(epoch, num_epoch, train, train_acc, val, seconds):

@@ -6,6 +6,7 @@
     python main.py --timestamp=20261121-101500  # evaluate results/20261121-101500
     python main.py --dataset=RML --data_path=data_rml_by_user --num_epoch=10
     python main.py --dataset=RML --pretrained=True --pretrained_timestamp=20261121-101500
+    torchrun --nproc_per_node=2 main.py ...     # data-parallel over 2 processes/GPUs
 
 A run writes results/<YYYYmmdd-HHMMSS>/ (see README.md for every file).
 """
@@ -14,9 +15,8 @@ import sys
 import time
 import traceback
 
-import torch
-
 import datasets
+import distributed as dist
 import experiment as ex
 import model as models
 from configurator import ConfigError, configure
@@ -40,7 +40,7 @@ media_root = None           # None: clip paths as stored in data_path; a CREMA-D
 #                             remap them onto it (e.g. the published run's split files)
 balanced = False            # deprecated; True is an error
 num_epoch = 50              # epochs (int > 0)
-batch_size = 128            # (int > 0)
+batch_size = 128            # the global batch (int > 0); torchrun: split over processes
 shuffle = True              # shuffle the training loader (True, False)
 learning_rate = 1e-3        # Adam learning rate (> 0)
 num_hiddens = 128           # encoder/decoder width h (multiple of 4)
@@ -66,6 +66,9 @@ device = 'auto'             # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N
 num_workers = 2             # DataLoader worker processes (0: load in the main process)
 amp = 'auto'                # 'auto' (bf16 autocast on CUDA), 'bf16', 'off'
 channels_last = 'auto'      # 'auto' (on CUDA), True, False
+compile = False             # torch.compile the model (True, False); off with a message
+#                             where the platform cannot compile
+sync_bn = True              # torchrun: BatchNorm statistics of the global batch (True, False)
 cache = True                # decode each clip once into cache_dir (True, False)
 cache_dir = 'cache'         # decode-once cache folder (memory-mapped arrays)
 data_on_gpu = False         # CUDA + cache: keep the cached arrays on the GPU, sample there
@@ -88,9 +91,8 @@ twin_root = 'synth_cremad/CREMA-D'  # where that twin goes
 # Settings of the machine, not of the model: evaluating a saved run takes these
 # from the current header and everything else from the run's config.json.
 _RUNTIME_KEYS = ('message', 'timestamp', 'device', 'num_workers', 'amp', 'channels_last',
-                'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root', 'robustness',
-                'resume', 'tensorboard',
-                'allow_split_change')
+                'compile', 'cache', 'cache_dir', 'data_on_gpu', 'results_dir', 'media_root',
+                'robustness', 'resume', 'tensorboard', 'allow_split_change')
 
 
 def header():
@@ -115,8 +117,15 @@ def resolve(defaults, argv):
 
 
 def start_run(cfg, argv):
-    """New run folder with log.txt, config.json and environment.json, written first."""
-    run_dir = ex.new_run_dir(cfg['results_dir'])
+    """New run folder with log.txt, config.json and environment.json, written first.
+
+    Under torchrun rank 0 makes it and tells the others its name; they log nothing
+    but a failure."""
+    ctx = dist.context()
+    if not ctx.is_main:
+        run_dir = dist.broadcast(None)
+        return run_dir, ex.Log(run_dir / 'log.txt', ctx.rank)
+    run_dir = dist.broadcast(ex.new_run_dir(cfg['results_dir']))
     log = ex.Log(run_dir / 'log.txt')
     log(f'Message: {cfg["message"]}')
     log(f'Run folder: {run_dir}')
@@ -125,7 +134,7 @@ def start_run(cfg, argv):
     ex.save_json(run_dir / 'splits.json', ex.split_fingerprint(cfg))
     ex.save_json(run_dir / 'environment.json', {
         'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-        'versions': ex.versions()})
+        'processes': ctx.world_size, 'versions': ex.versions()})
     return run_dir, log
 
 
@@ -136,10 +145,10 @@ def logged(fn):
         try:
             return fn(cfg, run_dir, log, *args)
         except UserError as e:
-            log(f'Run failed: {one_line(e)}')
+            log.error(f'Run failed: {one_line(e)}')
             raise
         except BaseException:
-            log('Run failed:\n' + traceback.format_exc())
+            log.error('Run failed:\n' + traceback.format_exc())
             raise
         finally:
             log.close()
@@ -154,7 +163,7 @@ def train(cfg, run_dir, log, resume=False):
     if cfg['pretrained']:
         transfer.apply([net], cfg, log)
     board = None
-    if cfg['tensorboard']:
+    if cfg['tensorboard'] and dist.is_main():
         import tblog
         board = tblog.TensorBoardLog(run_dir, loaders['val'], runtime)
     history = ex.fit(net, loaders, runtime, variances, cfg, log, run_dir / 'model.pt',
@@ -165,7 +174,8 @@ def train(cfg, run_dir, log, resume=False):
     log(f'Best epoch {best_epoch} (lowest val class_error); testing its checkpoint')
     test = ex.evaluate(net, loaders['test'], runtime, variances, cfg, groups=True)
     log(ex.test_block(test))
-    finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
+    if dist.is_main():
+        finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch)
     log(f'Done in {sum(history["epoch_seconds"]):.1f} s of epochs; results in {run_dir}')
     return test
 
@@ -204,7 +214,7 @@ def saved_config(cfg, script='main.py', key='timestamp'):
 def load_model(cfg, run_dir, runtime):
     """The saved run's model, rebuilt from its config, with model.pt loaded."""
     net = runtime.prepare(models.build_model(ex.model_config(cfg)))
-    checkpoint = torch.load(run_dir / 'model.pt', map_location=runtime.device)
+    checkpoint = ex.load_checkpoint(run_dir / 'model.pt')
     net.load_state_dict(checkpoint['model'])
     return net, checkpoint['epoch']
 
@@ -228,8 +238,9 @@ def evaluate_saved(cfg, run_dir, log, load=load_model):
         test['split_changed'] = changed
     log(ex.test_block(test, title=f'Test (checkpoint of epoch {epoch})'
                       + (' ON A CHANGED TEST SPLIT' if changed else '')))
-    path = ex.save_json_new(run_dir / f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json',
-                            {'test': test, 'config': cfg})
+    path = run_dir / f'eval-{time.strftime(ex.TIMESTAMP_FORMAT)}.json'
+    if dist.is_main():
+        path = ex.save_json_new(path, {'test': test, 'config': cfg})
     log(f'Wrote {path}')
     return test
 
@@ -262,6 +273,8 @@ def main(argv=None):
     if cfg['timestamp'] and cfg['resume']:
         raise ConfigError('give timestamp (evaluate a run) or resume (continue one), '
                           'not both')
+    dist.init(ex.resolve_device(cfg))
+    rank = dist.context().rank
     if cfg['timestamp']:
         run_dir, cfg = saved_config(cfg)
         ex.preflight(cfg, splits=('test',))
@@ -269,20 +282,24 @@ def main(argv=None):
         if cfg['robustness']:
             import robustness
             return robustness.evaluate_robustness(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
-        return evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'))
+        return evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt', rank))
     if cfg['robustness']:
         raise ConfigError('robustness=True evaluates a saved run: give --timestamp=<run>')
     if cfg['resume']:
         run_dir, cfg = resumable(cfg)
         ex.preflight(cfg)
-        log = ex.Log(run_dir / 'log.txt')
+        log = ex.Log(run_dir / 'log.txt', rank)
         log(f'Resuming the run, {time.strftime("%Y-%m-%d %H:%M:%S")}: argv {argv}')
         return train(cfg, run_dir, log, True)
-    prepare_data(cfg)
+    with dist.main_first():
+        prepare_data(cfg)
     ex.preflight(cfg)
     run_dir, log = start_run(cfg, argv)
     return train(cfg, run_dir, log)
 
 
 if __name__ == '__main__':
-    run_script(main)
+    try:
+        run_script(main)
+    finally:
+        dist.close()

@@ -2,6 +2,7 @@
 
     python main_separate.py [config file] [--key=value ...]
     python main_separate.py configs/demo.py     # the demo, 12 + 12 epochs
+    torchrun --nproc_per_node=2 main_separate.py ...   # data-parallel, as main.py
 
 Stage 1 trains both VQ-VAEs on reconstruction alone (best by validation loss,
 results/<timestamp>/model_vae.pt); stage 2 freezes them and trains the masked
@@ -16,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+import distributed as dist
 import experiment as ex
 import main
 import model as models
@@ -78,7 +80,7 @@ def load_two_stage(cfg, run_dir, runtime):
     """Rebuild both stages from the run's config and load their checkpoints."""
     vqvae, solver = build(cfg, runtime)
     for net, name in ((vqvae, 'model_vae.pt'), (solver, 'model_solver.pt')):
-        checkpoint = torch.load(run_dir / name, map_location=runtime.device)
+        checkpoint = ex.load_checkpoint(run_dir / name)
         net.load_state_dict(checkpoint['model'])
     return FrozenCodes(vqvae, solver), checkpoint['epoch']
 
@@ -93,8 +95,7 @@ def train(cfg, run_dir, log):
         f'{cfg["num_epoch_vae"]} epochs on reconstruction')
     stage1 = ex.fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',
                     num_epoch=cfg['num_epoch_vae'], monitor='loss')
-    vqvae.load_state_dict(torch.load(run_dir / 'model_vae.pt',
-                                     map_location=runtime.device)['model'])
+    vqvae.load_state_dict(ex.load_checkpoint(run_dir / 'model_vae.pt')['model'])
     net = FrozenCodes(vqvae, solver)
     log(f'Stage 2: TaskSolver on frozen codes, {models.count_parameters(net):,} trainable '
         f'parameters, {cfg["num_epoch_solver"]} epochs')
@@ -104,7 +105,8 @@ def train(cfg, run_dir, log):
     log(f'Best stage-2 epoch {best_epoch}; testing its checkpoint')
     test = ex.evaluate(net, loaders['test'], runtime, variances, cfg, groups=True)
     log(ex.test_block(test))
-    main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch, stage1)
+    if dist.is_main():
+        main.finish(cfg, run_dir, net, loaders, runtime, history, test, best_epoch, stage1)
     log(f'Done; results in {run_dir}')
     return test
 
@@ -131,17 +133,22 @@ def run(argv=None):
     cfg = resolve(argv)
     if cfg['robustness'] or cfg['resume']:
         raise ConfigError('robustness and resume apply to main.py runs only')
+    dist.init(ex.resolve_device(cfg))
     if cfg['timestamp']:
         run_dir, cfg = main.saved_config(cfg, 'main_separate.py')
         ex.preflight(cfg, splits=('test',))
         ex.check_test_split(cfg, run_dir)
-        return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt'),
+        return main.evaluate_saved(cfg, run_dir, ex.Log(run_dir / 'log.txt', dist.context().rank),
                                    load_two_stage)
-    main.prepare_data(cfg)
+    with dist.main_first():
+        main.prepare_data(cfg)
     ex.preflight(cfg)
     run_dir, log = main.start_run(cfg, argv)
     return train(cfg, run_dir, log)
 
 
 if __name__ == '__main__':
-    run_script(run)
+    try:
+        run_script(run)
+    finally:
+        dist.close()

@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -214,15 +215,30 @@ class VectorQuantizerEMA(_Quantizer):
     def _update(self, flat, indices):
         """EMA of cluster sizes (K,) and code sums (K, D); codes = sums / sizes."""
         k, decay, eps = self.num_embeddings, self.decay, self.epsilon
-        counts = torch.bincount(indices, minlength=k).to(flat.dtype)
+        counts = torch.bincount(indices, minlength=k).to(flat.dtype)       # (K,)
+        code_sums = torch.zeros_like(self.ema_w).index_add_(0, indices, flat)  # (K, D)
+        counts, code_sums = _sum_over_processes(counts, code_sums)
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         # Laplace smoothing keeps unused codes from dividing by zero; like the
         # original, the smoothed sizes are what is stored.
         total = self.ema_cluster_size.sum()
         self.ema_cluster_size.add_(eps).div_(total + k * eps).mul_(total)
-        code_sums = torch.zeros_like(self.ema_w).index_add_(0, indices, flat)
         self.ema_w.mul_(decay).add_(code_sums, alpha=1 - decay)
         self.embedding.copy_(self.ema_w / self.ema_cluster_size.unsqueeze(1))
+
+
+def _sum_over_processes(counts, code_sums):
+    """(K,) counts and (K, D) sums of the whole global batch under torch.distributed.
+
+    Each process quantizes its share of the batch; summing the statistics (one
+    all-reduce) gives every process the EMA update of the whole batch, so all keep
+    the same codebook (DDP would otherwise keep rank 0's). No-op in one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counts, code_sums
+    k = counts.numel()
+    both = torch.cat([counts.unsqueeze(1), code_sums], 1)  # (K, 1 + D)
+    dist.all_reduce(both)
+    return both[:, 0].reshape(k), both[:, 1:]
 
 
 def make_quantizer(*, num_embeddings, embedding_dim, commitment_cost, decay):

@@ -208,14 +208,14 @@ def test_device_loader_matches_the_dataset(workdir):
     val = ex.make_datasets(cfg, splits=('val',))['val']
     runtime = ex.Runtime(cfg)
     reference = next(iter(ex.make_loader(val, cfg, runtime, train=False)))
-    loader = ex.DeviceLoader(val, batch_size=cfg['batch_size'], train=False, shuffle=False,
-                             drop_last=False, device='cpu', seed=0)
+    loader = ex.DeviceLoader(val, batch_size=cfg['batch_size'], train=False,
+                             sampler=range(len(val)), drop_last=False, device='cpu', seed=0)
     batch = next(iter(loader))
     assert len(loader) == 1 and len(batch) == len(reference) == 6
     for mine, theirs in zip(batch, reference, strict=True):
         assert torch.equal(mine, theirs)
-    train = ex.DeviceLoader(val, batch_size=4, train=True, shuffle=True, drop_last=True,
-                            device='cpu', seed=0)
+    train = ex.DeviceLoader(val, batch_size=4, train=True, drop_last=True, device='cpu',
+                            sampler=torch.randperm(len(val)).tolist(), seed=0)
     frames = torch.from_numpy(np.array(val.arrays()["frames"]))    # (N, W, 128, 128, 3)
     for image, *_ in train:
         assert image.shape == (4, 3, 128, 128)
