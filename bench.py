@@ -18,9 +18,11 @@ Sections (each a table in results.md):
 3. Training step (samples/s, peak memory) of base_type 0-4 at the paper's widths
    (model.PAPER_CONFIG) on a random batch already on the device, through
    experiment.run_epoch: the real step (Runtime.to_device, autocast, compute_loss,
-   backward, Adam). On CUDA also
-   fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on for
-   compile_base_types.
+   backward, Adam), in fp32. For cpu_grid_base_types also bf16 autocast x
+   channels_last off/on on the CPU (in the same alternating rounds), which is what
+   experiment.Runtime's amp='auto' / channels_last='auto' rule for the CPU rests on.
+   On CUDA fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on
+   for compile_base_types.
    Reference: on CPU the project's step is compared with `ReferenceModel`, a
    straightforward implementation of the same base_type 0 architecture written the
    way the original and the classic VQ-VAE notebook do it: plain nn.Sequential
@@ -100,6 +102,7 @@ warmup_steps = 2            # untimed steps before each measurement
 train_steps = 4             # timed steps per round
 train_rounds = 2            # CPU: rounds, alternating between models
 compile_base_types = (0,)   # CUDA: base types also timed with torch.compile
+cpu_grid_base_types = (0,)  # CPU: base types also timed with bf16 autocast x channels_last
 num_threads = 0             # torch CPU threads (0: torch's default)
 full_root = 'bench/full/CREMA-D'  # full=True: the 7,442-clip twin
 full_data_path = 'bench/full-data'  # its split configs
@@ -111,9 +114,11 @@ full_workers = 2            # DataLoader workers of the full run
 # What quick=True changes (keys given on the command line keep their value).
 QUICK = {'decode_clips': 3, 'decode_rounds': 2, 'loader_items': 64, 'loader_workers': (0, 2),
          'loader_batch_size': 16, 'batch_size': 4, 'cuda_batch_size': 32,
-         'base_types': (0, 1), 'warmup_steps': 1, 'train_steps': 1, 'compile_base_types': ()}
+         'base_types': (0, 1), 'warmup_steps': 1, 'train_steps': 1, 'compile_base_types': (),
+         'cpu_grid_base_types': ()}
 SHARED_CREMAD = Path(__file__).resolve().parent.parent / 'shared' / 'crema-d'
 VARIANCES = (1.0, 1.0)  # the loss's scale does not change the step's cost
+STEP_CONFIG = {'dataset': 'CREMA-D', 'regularization': True, 'recon_loss': 'mse'}  # run_epoch's
 PAPER_PARAMETERS = 1_935_306  # model.build_model(PAPER_CONFIG), decay 0.99
 
 
@@ -145,6 +150,7 @@ CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': _non_negative_
            'base_types': _base_types, 'reference': (True, False),
            'warmup_steps': _non_negative_int, 'train_steps': _positive_int,
            'train_rounds': _positive_int, 'compile_base_types': _base_types,
+           'cpu_grid_base_types': _base_types,
            'num_threads': _non_negative_int, 'full_epochs': _positive_int,
            'full_batch_size': _positive_int, 'full_workers': _non_negative_int}
 
@@ -532,6 +538,7 @@ class StepTimer:
         self.net = runtime.prepare(net)
         self.runtime, self.batch_size = runtime, batch_size
         self.step_net = torch.compile(self.net) if compile else self.net
+        self.cpu_seconds = 0.0
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=1e-3)
         # on the device already: the step is timed here, the loader in section 2
@@ -541,15 +548,18 @@ class StepTimer:
 
     def _run(self, steps):
         ex.run_epoch(self.step_net, [self.batch] * steps, self.runtime, VARIANCES,
-                     {'regularization': True}, self.optimizer)
+                     STEP_CONFIG, self.optimizer)
 
     def time(self, steps):
+        """(wall seconds, memory) of `steps` steps; self.cpu_seconds adds up the process's
+        CPU time of every timed step (all threads), which other load does not inflate."""
         sync(self.runtime.device)
         with peak_memory(self.runtime.device) as memory:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             self._run(steps)
             sync(self.runtime.device)
             seconds = time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu
         return seconds, memory
 
 
@@ -562,25 +572,35 @@ def train_row(label, base_type, runtime, batch_size, seconds, steps, memory, **e
             'memory_method': memory['method']}
 
 
-def cpu_runtime():
-    return ex.Runtime({'device': 'cpu', 'amp': 'off', 'channels_last': False})
+def cpu_runtime(amp='off', channels_last=False):
+    return ex.Runtime({'device': 'cpu', 'amp': amp, 'channels_last': channels_last})
+
+
+def cpu_variants(base_types, grid_base_types):
+    """(base_type, amp, channels_last) of the CPU rows: fp32 for every base type, then
+    bf16 autocast x channels_last for grid_base_types."""
+    rows = [(b, 'off', False) for b in base_types]
+    return rows + [(b, amp, cl) for b in grid_base_types for amp in ('off', 'bf16')
+                   for cl in (False, True) if (b, amp, cl) not in rows]
 
 
 def measure_train_cpu(model_cfg, *, base_types, reference, batch_size, warmup, steps,
-                      rounds, seed):
-    """CPU rows: every base type (and the reference), in `rounds` alternating rounds of
-    `steps` steps; throughput from the total time, memory the largest peak."""
-    runtime = cpu_runtime()
+                      rounds, seed, grid_base_types=()):
+    """CPU rows: every base type (and the reference) in fp32, and the precision x
+    memory-format grid of grid_base_types, in `rounds` alternating rounds of `steps`
+    steps; throughput from the total time, memory the largest peak."""
     timers = {}
-    for b in base_types:
+    for b, amp, channels_last in cpu_variants(base_types, grid_base_types):
         torch.manual_seed(seed)
         net = models.build_model({**model_cfg, 'base_type': b})
-        timers[(f'Model (base_type {b})', b)] = StepTimer(net, runtime, batch_size=batch_size,
-                                                          warmup=warmup, seed=seed)
+        timers[(f'Model (base_type {b})', b, amp, channels_last)] = StepTimer(
+            net, cpu_runtime(amp, channels_last), batch_size=batch_size, warmup=warmup,
+            seed=seed)
     if reference:
         torch.manual_seed(seed)
-        timers[('ReferenceModel (straightforward)', 0)] = StepTimer(
-            build_reference(model_cfg), runtime, batch_size=batch_size, warmup=warmup, seed=seed)
+        timers[('ReferenceModel (straightforward)', 0, 'off', False)] = StepTimer(
+            build_reference(model_cfg), cpu_runtime(), batch_size=batch_size, warmup=warmup,
+            seed=seed)
     totals = {key: [0.0, []] for key in timers}
     keys = list(timers)
     for r in range(rounds):
@@ -588,9 +608,10 @@ def measure_train_cpu(model_cfg, *, base_types, reference, batch_size, warmup, s
             seconds, memory = timers[key].time(steps)
             totals[key][0] += seconds
             totals[key][1].append(memory)
-    return [train_row(label, b, runtime, batch_size, total, steps * rounds,
-                      max(mems, key=lambda m: m['peak_mb']))
-            for (label, b), (total, mems) in totals.items()]
+    return [train_row(key[0], key[1], timers[key].runtime, batch_size, total, steps * rounds,
+                      max(mems, key=lambda m: m['peak_mb']),
+                      cpu_ms_per_step=1000 * timers[key].cpu_seconds / (steps * rounds))
+            for key, (total, mems) in totals.items()]
 
 
 def cuda_variants(base_type, compile_base_types):
@@ -714,7 +735,7 @@ COLUMNS = {
               ('precision', 'precision', '{}'), ('channels_last', 'channels_last', '{}'),
               ('compile', 'compile', '{}'), ('batch', 'batch_size', '{}'), ('steps', 'steps', '{}'),
               ('samples/s', 'samples_per_s', '{:.2f}'), ('ms/step', 'ms_per_step', '{:.0f}'),
-              ('peak MB', 'peak_mb', '{:.0f}')],
+              ('CPU ms/step', 'cpu_ms_per_step', '{:.0f}'), ('peak MB', 'peak_mb', '{:.0f}')],
     'full': [('loader', 'loader', '{}'), ('device', 'device', '{}'),
              ('precision', 'precision', '{}'), ('batch', 'batch_size', '{}'),
              ('train items', 'train_items', '{}'), ('epochs', 'epochs', '{}'),
@@ -760,12 +781,22 @@ def comparison_notes(results):
         if original and name in decode:
             notes.append(f'{name}: {original["median_ms"] / decode[name]["median_ms"]:.0f}x '
                          f'faster than the original path (median).')
-    train = {row['model']: row for row in results.get('train', []) if row['device'] == 'cpu'}
+    cpu = [row for row in results.get('train', []) if row['device'] == 'cpu']
+    train = {row['model']: row for row in cpu
+             if row['precision'] == 'fp32' and not row['channels_last']}
     ours, ref = train.get('Model (base_type 0)'), train.get('ReferenceModel (straightforward)')
     if ours and ref:
         notes.append(f'CPU training step, base_type 0: Model {ours["samples_per_s"]:.2f} vs '
                      f'reference {ref["samples_per_s"]:.2f} samples/s '
                      f'(ratio {ours["samples_per_s"] / ref["samples_per_s"]:.2f}).')
+    for row in cpu:
+        base = train.get(row['model'])
+        if base and row is not base and row['model'].startswith('Model'):
+            ratio = row['samples_per_s'] / base['samples_per_s']
+            cpu = base['cpu_ms_per_step'] / row['cpu_ms_per_step']
+            notes.append(f'CPU {row["model"]}, {row["precision"]}, channels_last '
+                         f'{row["channels_last"]}: {ratio:.2f}x the fp32 step\'s throughput '
+                         f'({cpu:.2f}x by CPU time).')
     return notes
 
 
@@ -796,7 +827,8 @@ def run_sections(cfg, results, save, run_dir):
     results['train'] = measure_train_cpu(
         model_cfg, base_types=cfg['base_types'], reference=cfg['reference'],
         batch_size=cfg['batch_size'], warmup=cfg['warmup_steps'], steps=cfg['train_steps'],
-        rounds=cfg['train_rounds'], seed=cfg['seed'])
+        rounds=cfg['train_rounds'], seed=cfg['seed'],
+        grid_base_types=cfg['cpu_grid_base_types'])
     save()
     if torch.cuda.is_available():
         results['train'] += measure_train_cuda(

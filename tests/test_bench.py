@@ -55,7 +55,7 @@ def test_pieces_write_results(bench_data, tmp_path):
         runtime=bench.cpu_runtime(), seed=0)
     results['train'] = bench.measure_train_cpu(
         TINY_MODEL, base_types=(0, 1), reference=True, batch_size=2, warmup=1, steps=1,
-        rounds=2, seed=0)
+        rounds=2, seed=0, grid_base_types=(0,))
     text = bench.write_results(tmp_path, results)
 
     saved = json.loads((tmp_path / 'results.json').read_text())
@@ -69,8 +69,11 @@ def test_pieces_write_results(bench_data, tmp_path):
     assert all(r['items_per_s'] > 0 for r in saved['loaders'])
     models_timed = [r['model'] for r in saved['train']]
     assert models_timed == ['Model (base_type 0)', 'Model (base_type 1)',
-                            'ReferenceModel (straightforward)']
+                            *['Model (base_type 0)'] * 3, 'ReferenceModel (straightforward)']
+    grid = [(r['precision'], r['channels_last']) for r in saved['train'][2:5]]
+    assert grid == [('fp32', True), ('bf16', False), ('bf16', True)]
     assert all(r['samples_per_s'] > 0 and r['peak_mb'] >= 0 for r in saved['train'])
     for title in ('## Per-clip cost', '## Loader throughput', '## Training step'):
         assert title in text
     assert any('reference' in note for note in saved['notes'])
+    assert any('bf16, channels_last True' in note for note in saved['notes'])

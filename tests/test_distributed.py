@@ -100,10 +100,11 @@ def train_state_at_init():
 
 
 def torchrun(script, *argv):
-    """script under torchrun with 2 CPU processes (gloo)."""
+    """script under torchrun with 2 CPU processes (gloo); patient with a busy machine."""
     return subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO, timeout=600,
+         '--rdzv-conf', 'read_timeout=600', str(REPO / script), *argv],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
         env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
