@@ -52,7 +52,9 @@ def parse_value(text):
 def check_value(key, value, default, choices=None):
     """Return ``value`` coerced to the type of ``default``; raise ConfigError if it cannot be."""
     allowed = (choices or {}).get(key)
-    if default is not None and value is not None:
+    listed = isinstance(allowed, tuple) and any(type(a) is type(value) and a == value
+                                                for a in allowed)
+    if default is not None and value is not None and not listed:  # e.g. 'auto' or True
         if isinstance(default, bool) or isinstance(value, bool):
             ok = isinstance(default, bool) and isinstance(value, bool)
         elif isinstance(default, float) and isinstance(value, int):

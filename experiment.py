@@ -521,9 +521,8 @@ class Runtime:
     def __init__(self, cfg):
         self.device = resolve_device(cfg)
         cuda = self.device.type == 'cuda'
-        self.amp = cfg['amp'] == 'bf16' or (cfg['amp'] == 'auto' and cuda)
-        self.channels_last = cfg['channels_last'] is True or (cfg['channels_last'] == 'auto'
-                                                              and cuda)
+        self.amp = cfg['amp'] == 'bf16' or (cfg['amp'] == 'auto' and auto_amp(self.device))
+        self.channels_last = cfg['channels_last'] is True or cfg['channels_last'] == 'auto'
         self.pin_memory = cuda
         self.compile, self.compile_problem = bool(cfg.get('compile', False)), None
         if self.compile:
@@ -565,6 +564,17 @@ class Runtime:
         if ctx.world_size > 1:
             text += f'; process {ctx.rank} of {ctx.world_size} (torchrun)'
         return text
+
+
+def auto_amp(device):
+    """amp='auto': bf16 autocast where bench.py measured it faster than fp32: on CUDA,
+    and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where the paper-width
+    step took half the CPU time; fp32 on other CPUs, which emulate bf16."""
+    if device.type == 'cuda':
+        return True
+    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')  # torch.cpu, >= 2.1
+    return device.type == 'cpu' and any(getattr(torch.cpu, name, lambda: False)()
+                                        for name in checks)
 
 
 def compile_problem(device):

@@ -64,8 +64,9 @@ layer = 7                   # RML_feat only: audio features of this transformer 
 seed = 0                    # drives initialisation, shuffles and frame draws (int >= 0)
 device = 'auto'             # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
 num_workers = 2             # DataLoader worker processes (0: load in the main process)
-amp = 'auto'                # 'auto' (bf16 autocast on CUDA), 'bf16', 'off'
-channels_last = 'auto'      # 'auto' (on CUDA), True, False
+amp = 'auto'                # 'auto' (bf16 autocast on CUDA and on CPUs with native bf16),
+#                             'bf16', 'off'
+channels_last = 'auto'      # 'auto' (on: measured faster on CUDA and CPU), True, False
 compile = False             # torch.compile the model (True, False); off with a message
 #                             where the platform cannot compile
 sync_bn = True              # torchrun: BatchNorm statistics of the global batch (True, False)

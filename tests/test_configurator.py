@@ -27,6 +27,13 @@ def test_overrides_are_parsed_and_typed():
     assert cfg['shuffle'] is False and cfg['threshold'] == 0.01
 
 
+def test_a_listed_choice_of_another_type_than_the_default_is_accepted():
+    defaults, choices = {'channels_last': 'auto'}, {'channels_last': ('auto', True, False)}
+    assert configure(defaults, ['--channels_last=True'], choices)['channels_last'] is True
+    with pytest.raises(ConfigError, match='has type int'):
+        configure(defaults, ['--channels_last=1'], choices)
+
+
 @pytest.mark.parametrize('arg, message', [
     ('--nope=1', "unknown config key 'nope'"),
     ('--num_epoch=2.5', 'expected int'),

@@ -41,3 +41,13 @@ def test_torchrun_settings_are_checked_before_any_work():
     with pytest.raises(ValueError, match="device='cuda:1': under torchrun"):
         ex.check_distributed({'batch_size': 30, 'device': 'cuda:1'}, three)
     ex.check_distributed({'batch_size': 32, 'device': 'cuda:1'}, dist.context())  # 1 process
+
+
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
+    for native in (True, False):
+        for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+            monkeypatch.setattr(torch.cpu, name, lambda native=native: native)
+        rt = runtime()
+        assert rt.amp is native and rt.channels_last
+        assert not runtime(amp='off', channels_last=False).amp
+    assert runtime(amp='bf16').amp
