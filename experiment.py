@@ -246,6 +246,8 @@ def train_variances(cfg):
 # ----------------------------------------------------------------------------- pre-flight
 
 SPLITS = ('train', 'val', 'test')
+BUILDERS = {'RML': 'read_rml.py', 'RML_probe': 'read_rml.py', 'EmoVoxCeleb': 'read_emo.py',
+            'RML_feat': 'make_features.py'}  # the script that writes each dataset's data_path
 
 
 def preflight(cfg, splits=SPLITS):
@@ -265,8 +267,9 @@ def preflight(cfg, splits=SPLITS):
             raise BadValueError(f'{key}={cfg[key]!r} must be a folder path (a non-empty str)')
     data = Path(cfg['data_path'])
     if not data.is_dir():
+        builder = BUILDERS.get(cfg['dataset'], 'read_cremad.py')
         raise MissingError(f'data_path={str(data)!r} does not exist: build it with '
-                           f'read_cremad.py --data_path={data}')
+                           f'{builder} --data_path={data}')
     train_variances(cfg)
     check_writable('results_dir', cfg['results_dir'])
     if cfg['dataset'] != 'CREMA-D':
