@@ -24,7 +24,7 @@ def listing(root):
 
 
 def decode(root, name):
-    frames, audio, _, _ = media.read_flv(root / 'VideoFlash' / f'{name}.flv')
+    frames, audio, _, _ = media.read_flv(root / 'VideoFlash' / f'{name}.flv', min_seconds=0)
     samples, _ = media.read_wav(root / 'AudioWAV' / f'{name}.wav')
     return frames, audio, samples
 
