@@ -85,11 +85,8 @@ def load(cfg, run_dir, runtime):
 
 def run(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if {'-h', '--help'} & set(argv):
-        print(__doc__)
-        return None
-    overrides = [a for a in argv if a.startswith('--')]
-    clips = clip_paths(a for a in argv if not a.startswith('--'))
+    overrides = [a for a in argv if a.startswith('-')]  # --key=value, -h, --help
+    clips = clip_paths(a for a in argv if not a.startswith('-'))
     cfg = main.resolve(main.header(), overrides)
     if not cfg['timestamp']:
         raise ConfigError('predict.py needs a saved run: --timestamp=<run>')

@@ -370,10 +370,9 @@ def runs_to_summarize(spec, results_dir):
 
 def main_sweep(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if {'-h', '--help'} & set(argv):
-        print(__doc__)
-        return None
     defaults = {'summarize': summarize, 'sweep_dir': sweep_dir, 'jobs': jobs}
+    if {'-h', '--help'} & set(argv):  # the sweep's own settings, then main.py's
+        configurator.configure({**defaults, **main.header()}, ['--help'])
     own, axes = split_argv(argv, defaults)
     opts = configurator.configure(defaults, own, _sweep_choices())
     if opts['summarize']:
