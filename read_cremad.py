@@ -385,8 +385,16 @@ def main():
         sizes=tuple(cfg['split_sizes']), faulty=tuple(cfg['faulty']), overwrite=cfg['overwrite'],
         workers=cfg['workers'], cache=cfg['cache'], cache_dir=cfg['cache_dir'],
         frame_jitter=cfg['frame_jitter'], backend=cfg['backend'], progress=cfg['progress'])
+    print_record(record, cfg['data_path'])
+
+
+def print_record(record, data_path, extra=()):
+    """What a split builder (read_cremad.py, read_rml.py) prints about the folder it wrote:
+    split sizes, extra lines, dropped clips with their reasons, the training variances."""
     sizes = ', '.join(f'{s} {n}' for s, n in record['sizes'].items())
-    print(f'wrote {cfg["data_path"]}: {sizes} clips ({cfg["split_by"]} split, seed {cfg["seed"]})')
+    print(f'wrote {data_path}: {sizes} clips ({record["split_by"]} split, seed {record["seed"]})')
+    for line in extra:
+        print(line)
     for reason, dropped in record['dropped'].items():
         print(f'dropped {len(dropped)} {reason} clip(s): {", ".join(dropped) or "-"}')
     for name, why in record['dropped']['bad'].items():

@@ -157,13 +157,8 @@ def main():
         test_subjects=tuple(cfg['test_subjects']), overwrite=cfg['overwrite'],
         workers=cfg['workers'], cache=cfg['cache'], cache_dir=cfg['cache_dir'],
         frame_jitter=cfg['frame_jitter'], backend=cfg['backend'], progress=cfg['progress'])
-    sizes = ', '.join(f'{s} {n}' for s, n in record['sizes'].items())
-    print(f'wrote {out}: {sizes} clips ({cfg["split_by"]} split, seed {cfg["seed"]})')
-    print('subjects: ' + '; '.join(f'{s} {", ".join(v)}' for s, v in record['subjects'].items()))
-    for path, reason in record['dropped']['bad'].items():
-        print(f'dropped {path}: {reason}')
-    print(f'train image variance {record["image_var"]:.6g}, audio variance '
-          f'{record["audio_var"]:.6g}')
+    read_cremad.print_record(record, out, extra=['subjects: ' + '; '.join(
+        f'{s} {", ".join(v)}' for s, v in record['subjects'].items())])
 
 
 if __name__ == '__main__':
