@@ -354,6 +354,22 @@ def test_main_runs_rml_modified_and_pretrained(rml_data, tmp_path):
     assert again['accuracy'] == test['accuracy'] and again['loss'] == pytest.approx(test['loss'])
 
 
+# model.py's tests cover the shapes of every combination; this takes RML items through
+# each model kind and mode end to end (one epoch, tiny widths: ~1 s each)
+@pytest.mark.parametrize('mode', models.MODES)
+@pytest.mark.parametrize('base_type', models.BASE_TYPES)
+def test_every_base_type_and_mode_runs_on_rml(rml_data, tmp_path, base_type, mode):
+    data, cache = rml_data
+    test = main.main([f'--data_path={data}', f'--cache_dir={cache}', f'--results_dir={tmp_path}',
+                      '--dataset=RML', f'--base_type={base_type}', f'--mode={mode}',
+                      '--num_epoch=1', '--batch_size=6', '--num_workers=0',
+                      *[f'--{k}={v}' for k, v in TINY_WIDTHS.items()]])
+    assert test['num_samples'] == 6
+    assert set(test['per_class_accuracy']) == set(datasets.RML_EMOTIONS)
+    run_dir = max(tmp_path.iterdir())
+    assert (run_dir / 'model.pt').is_file() and (run_dir / 'metrics.json').is_file()
+
+
 def test_two_stage_runs_on_rml(rml_data, tmp_path):
     data, cache = rml_data
     test = main_separate.run([
