@@ -44,6 +44,7 @@ parameter counts (checked in tests/test_model.py).
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -1237,5 +1238,9 @@ def parity_counts():
 
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print('python model.py: trainable parameters of each model at the paper widths, the '
+              'counts compared with the released code in README.md (parity)')
+        sys.exit(0)
     for name, count in parity_counts().items():
         print(f'{name:26s} {count:,}')
