@@ -2,6 +2,9 @@
 
 Small widths keep the file fast on CPU; only the parity test builds paper size.
 """
+import runpy
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -424,3 +427,12 @@ def test_paper_parameter_counts():
         'base_type 1': 1_322_854, 'base_type 2 decay=0': 2_000_714,
         'base_type 3': 1_322_982, 'base_type 4': 22_611_206,
     }
+
+
+def test_help_describes_the_parity_table_and_exits_0(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['model.py', '--help'])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(M.__file__, run_name='__main__')
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith('python model.py: trainable parameters') and '1,935,306' not in out
