@@ -1,7 +1,7 @@
 """Throughput benchmark: data loading, training step and epoch time, side by side.
 
     python bench.py                  # the header below (about 3 min on a 2-core CPU)
-    python bench.py --quick=True     # small sizes: a minute or two on a 2-core CPU
+    python bench.py --quick=True     # small sizes: under a minute on a 2-core CPU
     python bench.py --full=True      # also epochs on a full-size (7,442-clip) twin
 
 Sections (each a table in results.md):
