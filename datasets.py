@@ -1,6 +1,6 @@
-"""Datasets: CREMA-D items from split configs, with a decode-once cache.
+"""Datasets: the items of CREMA-D, RML, EmoVoxCeleb and RML features, and the samplers.
 
-A split config (written by ``read_cremad.py``) is a folder with
+A CREMA-D split config (written by ``read_cremad.py``) is a folder with
 ``{split}_videos.pkl`` (list of FLV paths) and ``{split}_labels.pkl`` (the 8
 aligned label lists of ``LABEL_NAMES``). An item is
 
@@ -13,47 +13,31 @@ A training draw is a pure function of (seed, epoch, item index): the training
 loader's ``EpochSampler`` yields ``(epoch, index)`` keys, so the draws do not
 depend on which DataLoader worker (or how many) loads the item.
 
-Decoding an FLV costs ~15 ms (PyAV) to ~170 ms (moviepy), so by default every
-clip is decoded once into a cache of memory-mapped arrays:
-
-    cache_dir/<sha1 fingerprint>/frames.npy  (N, 2*jitter+1, 128, 128, 3) uint8
-    cache_dir/<sha1 fingerprint>/specs.npy   (N, 256, 256) float32 log-mel (dB)
-    cache_dir/<sha1 fingerprint>/meta.json   paths, parameters, format version
-
-``frames[i, jitter]`` is clip i's centre frame; indices outside a short clip are
-clamped (edge frames repeat). The fingerprint covers the resolved paths, their
-sizes and mtimes, and every preprocessing parameter, so a changed clip or
-parameter gives a new folder. A cache is built in a temporary folder and renamed
-only when complete, so an interrupted build is never used. Cached and uncached
-items are identical (same decode, same float32 features).
+By default every clip is decoded once into the decode-once cache (cmvq/cache.py;
+this module gives it the decoder and the preprocessing parameters). Cached and
+uncached items are identical (same decode, same float32 features).
 """
-import errno
-import hashlib
-import itertools
+import csv
 import json
 import os
-import pickle
-import shutil
-import signal
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from math import gcd
 from pathlib import Path
 
+import librosa
 import numpy as np
 import torch
+from PIL import Image
+from scipy.signal import resample_poly
 from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
 
-import atomic
-import media
-from errors import BadValueError, MissingError, NoSpaceError
+from cmvq import cache, media, pickles
+from cmvq.cache import DEFAULT_WORKERS, check_clips_exist, describe_bad
+from cmvq.errors import BadValueError, MissingError
+from cmvq.progress import progress_bar
 
-CACHE_VERSION = 3
-HASH_BYTES = 64 * 1024  # content_hash reads this much at each end of a clip
 # Frame size of every CREMA-D clip (width, height); another size is a MediaError.
 CLIP_SIZE = (media.VIDEO_WIDTH, media.VIDEO_HEIGHT)
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+CREMAD_JITTER = 15              # training frame within +-15 of the centre (released code)
 
 # CREMA-D label vocabularies; a label is the index of its value in these tuples
 # (actor: ID - 1001; age: decade index 20s..60s, clamped).
@@ -81,6 +65,7 @@ def parse_name(name):
         raise BadValueError(f'{name!r} is not a CREMA-D clip name like 1001_DFA_ANG_XX') from None
 
 
+
 # ----------------------------------------------------------------------------- paths
 
 def remap_path(path, root):
@@ -103,51 +88,11 @@ LABEL_COUNTS = {'actor': 91, 'sentence': len(SENTENCES), 'emo': len(EMOTIONS),
                 'race': len(RACES), 'ethnic': len(ETHNICITIES)}
 
 
-def load_pickles(data_path, split, builder='read_cremad.py', flat=False):
-    """(paths, labels) of a split config as stored; a missing file names its builder.
-
-    Raises BadValueError naming the file for contents of the wrong type (paths:
-    a list of str; labels: a list of lists of ints, or with flat=True one list of
-    ints, as RML's one emotion list)."""
-    files = [Path(data_path) / f'{split}_{kind}.pkl' for kind in ('videos', 'labels')]
-    for f in files:
-        if not f.is_file():
-            raise MissingError(f'split config file {f} does not exist: build '
-                               f'{data_path} with {builder} --data_path={data_path}')
-    paths, labels = (_unpickle(f) for f in files)
-    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
-        raise BadValueError(f'{files[0]} holds {_kind(paths)}, expected a list of clip paths '
-                            '(str)')
-    lists = [labels] if flat else labels
-    if (not isinstance(labels, (list, tuple)) or
-            not all(isinstance(x, (list, tuple, np.ndarray)) for x in lists) or
-            not all(_is_int(v) for x in lists for v in x)):
-        raise BadValueError(f'{files[1]} holds {_kind(labels)}, expected a list of '
-                            + ('ints (one label per clip)' if flat else 'label lists of ints'))
-    return list(paths), labels
-
 
 def load_split(data_path, split):
     """(paths, labels) of a CREMA-D split config; labels: list of 8 int lists."""
-    paths, labels = load_pickles(data_path, split)
+    paths, labels = pickles.load_split_files(data_path, split)
     return paths, [list(map(int, x)) for x in labels]
-
-
-def _unpickle(path):
-    try:
-        with open(path, 'rb') as f:
-            return pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
-        raise BadValueError(f'{path} cannot be read as a pickle: {e}') from None
-
-
-def _kind(value):
-    inner = f' of {type(value[0]).__name__}' if isinstance(value, (list, tuple)) and value else ''
-    return f'a {type(value).__name__}{inner}'
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_aligned(paths, labels, where=''):
@@ -172,15 +117,6 @@ def check_aligned(paths, labels, where=''):
                                 f'level) do not match its file name {path}')
 
 
-def check_disjoint(split_paths, where=''):
-    """Raise BadValueError if a clip (by file name) is in two splits: {split: paths}."""
-    names = {s: {clip_name(p) for p in paths} for s, paths in split_paths.items()}
-    for a, b in itertools.combinations(names, 2):
-        both = sorted(names[a] & names[b])
-        if both:
-            raise BadValueError(f'{where}: {len(both)} clips are in both {a} and {b} (e.g. '
-                                f'{", ".join(both[:3])}); rebuild the split configs with '
-                                'read_cremad.py')
 
 
 def clip_name(path):
@@ -196,7 +132,7 @@ def window_indices(num_frames, jitter):
     return np.clip(np.arange(centre - jitter, centre + jitter + 1), 0, num_frames - 1)
 
 
-def decode_clip(path, frame_jitter=15, backend='pyav', offsets=None, size=CLIP_SIZE,
+def decode_clip(path, frame_jitter=CREMAD_JITTER, backend='pyav', offsets=None, size=CLIP_SIZE,
                 audio_transform=None):
     """Decode one clip -> (faces (W, 128, 128, 3) uint8, log-mel (256, 256) float32).
 
@@ -236,10 +172,10 @@ def to_spectrogram(spec):
 
 # ----------------------------------------------------------------------------- cache
 
-def cache_params(frame_jitter=15, backend='pyav', decoder=None):
+def cache_params(frame_jitter=CREMAD_JITTER, backend='pyav', decoder=None):
     """Every parameter the cached arrays depend on (decoder: None for CREMA-D's
     decode_clip, or an object with params() and spec_shape, e.g. RMLDecoder)."""
-    params = {'version': CACHE_VERSION, 'crop_size': media.CROP_SIZE,
+    params = {'version': cache.CACHE_VERSION, 'crop_size': media.CROP_SIZE,
               'image_size': media.IMAGE_SIZE, 'mel': media.MEL, 'spec_frames': media.SPEC_FRAMES,
               'frame_jitter': frame_jitter, 'backend': backend, 'spec_dtype': 'float32',
               'clip_size': list(CLIP_SIZE), 'min_seconds': media.MIN_SECONDS,
@@ -249,38 +185,13 @@ def cache_params(frame_jitter=15, backend='pyav', decoder=None):
     return params
 
 
-def fingerprint(paths, params):
-    """sha1 of the parameters and, per clip, its resolved path, size, mtime and a
-    hash of its first and last 64 KiB (content_hash: a clip rewritten with the
-    same size and mtime still changes it). Missing clips raise MediaError
-    (check_clips_exist)."""
-    check_clips_exist(paths)
-    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
-    for path in paths:
-        st = os.stat(path)
-        h.update(f'{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0'
-                 f'{content_hash(path)}\n'.encode())
-    return h.hexdigest()
-
-
-def check_clips_exist(paths, show=5):
-    """Raise MediaError saying how many of ``paths`` are missing and naming the first few."""
-    missing = [str(p) for p in paths if not os.path.isfile(p)]
-    if missing:
-        first = f'the first {show}' if len(missing) > show else 'they are'
-        raise media.MediaError(
-            f'{len(missing)} of {len(paths)} clips are missing ({first}: '
-            f'{", ".join(missing[:show])}); set media_root to your CREMA-D copy or rebuild '
-            'the split configs with read_cremad.py')
-
-
 def check_clips(paths, progress=True):
     """Raise MediaError naming how many clips fail media.check_clip (container facts:
     no audio, frame size, truncated, too short; ~2 ms a clip, no decoding) and the
     first few with their reasons."""
     bad = {}
-    for path in tqdm(paths, desc='check clips', unit='clip', disable=not progress or
-                     len(paths) < 500):
+    for path in progress_bar(paths, desc='check clips', unit='clip',
+                             enabled=progress and len(paths) >= 500):
         try:
             media.check_clip(path, media.probe(path), CLIP_SIZE)
         except media.MediaError as e:
@@ -291,265 +202,25 @@ def check_clips(paths, progress=True):
         raise media.MediaError(describe_bad(bad, len(paths)))
 
 
-def content_hash(path, nbytes=HASH_BYTES):
-    """sha1 of a file's first and last nbytes (cheap: 128 KiB read per clip)."""
-    h = hashlib.sha1()
-    with open(path, 'rb') as f:
-        h.update(f.read(nbytes))
-        size = os.fstat(f.fileno()).st_size
-        if size > nbytes:
-            f.seek(max(nbytes, size - nbytes))
-            h.update(f.read())
-    return h.hexdigest()
 
-
-def describe_bad(bad, total, show=3):
-    """{path: reason} -> one line: how many of total, and the first few with reasons."""
-    first = '; '.join(f'{p}: {r}' for p, r in list(bad.items())[:show])
-    more = f' (and {len(bad) - show} more)' if len(bad) > show else ''
-    return f'{len(bad)} of {total} clips cannot be used: {first}{more}'
-
-
-def array_specs(count, params):
-    """{name: (shape, dtype)} of a cache of `count` clips."""
-    size = params['image_size']
-    return {'frames': ((count, 2 * params['frame_jitter'] + 1, size, size, 3), np.dtype(np.uint8)),
-            'specs': ((count, *params.get('spec_shape', (params['mel']['n_mels'],
-                                                         params['spec_frames']))),
-                      np.dtype(np.float32))}
-
-
-def cache_bytes(count, params):
-    """Disk space a cache of `count` clips takes (headers aside: < 1 KiB)."""
-    return sum(int(np.prod(shape)) * dtype.itemsize
-               for shape, dtype in array_specs(count, params).values())
-
-
-def check_free_space(cache_dir, count, params):
-    """Raise NoSpaceError (an OSError) with one clear line if cache_dir's file system
-    cannot hold a cache of `count` clips."""
-    folder = Path(cache_dir)
-    while not folder.exists():
-        folder = folder.parent
-    need, free = cache_bytes(count, params), shutil.disk_usage(folder).free
-    if need > free:
-        raise NoSpaceError(f'not enough free space for the decode-once cache of {count} '
-                           f'clips in {cache_dir}: it needs {need / 1e9:.2f} GB, '
-                           f'{free / 1e9:.2f} GB are free (free some, set cache_dir '
-                           'elsewhere, or cache=False)')
-
-
-def damage(folder, count, params):
-    """None if folder holds a complete cache of `count` clips with these parameters,
-    else the reason (e.g. an array file of the wrong size)."""
-    try:
-        meta = json.loads((folder / 'meta.json').read_text())
-    except (OSError, ValueError):
-        return 'meta.json is missing or unreadable'
-    if meta.get('count') != count or meta.get('params') != json.loads(json.dumps(params)):
-        return 'meta.json does not match'
-    for name, (shape, dtype) in array_specs(count, params).items():
-        path = folder / f'{name}.npy'
-        try:
-            with open(path, 'rb') as f:
-                version = np.lib.format.read_magic(f)
-                header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                          np.lib.format.read_array_header_2_0)(f)
-                expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
-                size = os.fstat(f.fileno()).st_size
-        except (OSError, ValueError) as e:
-            return f'{path.name} is unreadable ({e})'
-        if header[0] != shape or header[2] != dtype or size != expected:
-            return f'{path.name} has {size} bytes, expected {expected} (shape {shape})'
-    return None
-
-
-def build_cache(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
+def build_cache(paths, cache_dir='cache', *, frame_jitter=CREMAD_JITTER, backend='pyav',
                 workers=DEFAULT_WORKERS, progress=True, decoder=None):
-    """Decode every clip once into cache_dir/<fingerprint>/; return that folder (a Path).
-
-    decoder: None (CREMA-D's decode_clip) or a picklable decoder(path, jitter,
-    backend) -> (faces, spec of decoder.spec_shape), e.g. RMLDecoder.
-    Reuses a complete cache with the same fingerprint (a damaged one is rebuilt).
-    Raises MediaError naming how many clips are missing, undecodable or fail a
-    check (media.check_clip), and the first few, after trying them all; a failed
-    or interrupted build removes its temporary folder and says why in one line.
-    """
-    return _build(paths, cache_dir, cache_params(frame_jitter, backend, decoder), workers,
-                  progress, drop_bad=False, decoder=decoder)[2]
+    """The decode-once cache folder of these clips (cache.build; decoder: None for
+    CREMA-D's decode_clip, or e.g. an RMLDecoder). A clip that fails raises MediaError."""
+    return build_cache_dropping(paths, cache_dir, frame_jitter=frame_jitter, backend=backend,
+                                workers=workers, progress=progress, decoder=decoder,
+                                drop_bad=False)[2]
 
 
-def build_cache_dropping(paths, cache_dir='cache', *, frame_jitter=15, backend='pyav',
-                         workers=DEFAULT_WORKERS, progress=True, decoder=None):
+def build_cache_dropping(paths, cache_dir='cache', *, frame_jitter=CREMAD_JITTER,
+                         backend='pyav', workers=DEFAULT_WORKERS, progress=True, decoder=None,
+                         drop_bad=True):
     """build_cache that leaves the clips failing a check out instead of raising:
     (kept paths, {path: reason} of the others, the cache folder of the kept paths).
-    Every clip is decoded once (read_cremad.py validates every split this way)."""
-    return _build(paths, cache_dir, cache_params(frame_jitter, backend, decoder), workers,
-                  progress, drop_bad=True, decoder=decoder)
-
-
-def _build(paths, cache_dir, params, workers, progress, drop_bad, decoder=None):
-    cache_dir = Path(cache_dir)
-    final = cache_dir / fingerprint(paths, params)
-    if _usable(final, len(paths), params):
-        return list(paths), {}, final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(cache_dir)
-    check_free_space(cache_dir, len(paths), params)
-    tmp = atomic.temp_folder(final)
-    try:
-        with atomic.sigterm_raises():
-            bad = _fill_cache(tmp, paths, params, workers, progress, decoder)
-            if bad and not drop_bad:
-                raise media.MediaError(describe_bad(bad, len(paths)))
-            kept = [p for p in paths if p not in bad]
-            if bad:
-                final = cache_dir / fingerprint(kept, params)
-                if not _usable(final, len(kept), params):
-                    _compact(tmp, [i for i, p in enumerate(paths) if p not in bad], params)
-            if not _usable(final, len(kept), params):
-                _publish_cache(tmp, final, kept, params)
-    except BaseException as e:
-        print(f'decode-once cache: build stopped ({_why(e)}); removed its temporary folder '
-              f'{tmp}', file=sys.stderr, flush=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise NoSpaceError(f'disk full while building the decode-once cache in '
-                               f'{cache_dir}: free space there, or set cache_dir elsewhere, '
-                               'or cache=False') from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    remove_superseded(final)
-    return kept, bad, final
-
-
-def _usable(folder, count, params):
-    """True for a complete cache; a damaged one is removed (with one line) to be rebuilt."""
-    if not folder.is_dir():
-        return False
-    reason = damage(folder, count, params)
-    if reason is None:
-        return True
-    print(f'decode-once cache {folder} is damaged ({reason}); rebuilding it', file=sys.stderr)
-    shutil.rmtree(folder, ignore_errors=True)
-    return False
-
-
-def _why(error):
-    if isinstance(error, SystemExit):
-        return f'terminated, exit status {error.code}'
-    if isinstance(error, KeyboardInterrupt):
-        return 'interrupted'
-    if isinstance(error, BrokenProcessPool):
-        return 'a decoding worker died'
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f'disk full: {error.strerror or error}'
-    return f'{type(error).__name__}: {error}'
-
-
-def _publish_cache(tmp, final, paths, params):
-    atomic.write_json(tmp / 'meta.json', {'params': params, 'count': len(paths),
-                                          'paths': [os.path.realpath(p) for p in paths]})
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same cache first
-        if damage(final, len(paths), params) is not None:
-            raise
-
-
-def _compact(folder, keep, params):
-    """Keep rows `keep` of folder's arrays (dropping bad clips), in place of the originals."""
-    for name, (shape, dtype) in array_specs(len(keep), params).items():
-        src = np.load(folder / f'{name}.npy', mmap_mode='r')
-        dst = _allocate(folder / f'{name}.kept.npy', shape, dtype)
-        for start in range(0, len(keep), 64):
-            dst[start:start + 64] = src[keep[start:start + 64]]
-        dst.flush()
-        del src, dst
-        os.replace(folder / f'{name}.kept.npy', folder / f'{name}.npy')
-
-
-def remove_superseded(folder):
-    """Remove the other caches of the same clips (paths) and parameters: their clips
-    have changed since (the fingerprints differ), so nothing can use them again."""
-    meta = json.loads((folder / 'meta.json').read_text())
-    for other in folder.parent.iterdir():
-        if other == folder or other.name.startswith('.') or not other.is_dir():
-            continue
-        try:
-            theirs = json.loads((other / 'meta.json').read_text())
-        except (OSError, ValueError):
-            continue
-        if theirs.get('paths') == meta['paths'] and theirs.get('params') == meta['params']:
-            size = sum(f.stat().st_size for f in other.iterdir())
-            shutil.rmtree(other, ignore_errors=True)
-            print(f'decode-once cache: removed {other} ({size / 1e6:.0f} MB), superseded by '
-                  f'{folder.name} (same clips, changed since)', file=sys.stderr)
-
-
-def _allocate(path, shape, dtype):
-    """A .npy memmap whose disk blocks are reserved now: a full disk fails here with
-    ENOSPC, not later with SIGBUS while a worker writes into the mapping."""
-    array = np.lib.format.open_memmap(path, 'w+', dtype, shape)
-    with open(path, 'r+b') as f:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-    return array
-
-
-def _fill_cache(folder, paths, params, workers, progress, decoder=None):
-    """Decode every clip into folder's arrays; {path: reason} of the clips that failed."""
-    # Workers write straight into the memory-mapped files; only indices travel back.
-    for name, (shape, dtype) in array_specs(len(paths), params).items():
-        _allocate(folder / f'{name}.npy', shape, dtype)
-    jobs = [(i, p, params['frame_jitter'], params['backend'], decoder)
-            for i, p in enumerate(paths)]
-    media.log_mel(np.zeros(media.AUDIO_RATE, np.float32))  # librosa's lazy set-up, before forking
-    bad = {}
-    bar = tqdm(total=len(paths), desc='decode-once cache', unit='clip', disable=not progress)
-    with bar:
-        if workers <= 1 or len(paths) <= 1:
-            _open_cache(folder)
-            results = map(_cache_one, jobs)
-        else:
-            pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(folder,))
-            results = pool.map(_cache_one, jobs, chunksize=4)
-        try:
-            for i, reason in results:
-                if reason is not None:
-                    bad[paths[i]] = reason
-                bar.update()
-        finally:
-            if workers > 1 and len(paths) > 1:
-                pool.shutdown(wait=True, cancel_futures=True)
-            _open_cache(None)
-    return bad
-
-
-_worker_arrays = {}  # per process: the memmaps being filled
-
-
-def _worker_init(folder):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler raises; not here
-    _open_cache(folder)
-
-
-def _open_cache(folder):
-    _worker_arrays.clear()
-    if folder is not None:
-        for name in ('frames', 'specs'):
-            _worker_arrays[name] = np.load(Path(folder) / f'{name}.npy', mmap_mode='r+')
-
-
-def _cache_one(job):
-    """Decode clip i into row i: (i, None), or (i, reason) for a clip that fails."""
-    i, path, jitter, backend, decoder = job
-    try:
-        faces, spec = (decoder or decode_clip)(path, jitter, backend)
-    except media.MediaError as e:
-        return i, e.reason
-    _worker_arrays['frames'][i] = faces
-    _worker_arrays['specs'][i] = spec  # shared mapping: visible without a flush
-    return i, None
+    Every clip is decoded once (the split builders validate every split this way)."""
+    return cache.build(paths, cache_dir, decoder or decode_clip,
+                       cache_params(frame_jitter, backend, decoder), workers=workers,
+                       progress=progress, drop_bad=drop_bad)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -562,24 +233,35 @@ class CREMADDataset(Dataset):
     training frame (default: split == 'train'). cache: decode once into
     cache_dir (built here, in parallel) or decode each item (backend 'pyav' or
     'moviepy').
+
+    Subclasses (RML) change what a split holds (read_split), how a clip is
+    decoded (decoder) and what an item's face and spectrogram are (clip).
     """
 
+    decoder = None  # None: decode_clip with CREMA-D's parameters; else e.g. an RMLDecoder
+
     def __init__(self, data_path, split, *, train=None, root=None, cache=True,
-                 cache_dir='cache', frame_jitter=15, backend='pyav',
+                 cache_dir='cache', frame_jitter=CREMAD_JITTER, backend='pyav',
                  workers=DEFAULT_WORKERS, progress=True, seed=0):
-        paths, labels = load_split(data_path, split)
-        check_aligned(paths, labels, where=f'{data_path} split {split!r}')
-        self.paths = resolve_paths(paths, root)
-        self.labels = np.asarray(labels, dtype=np.int64).T.reshape(len(paths), 8)  # (N, 8)
         self.train = split == 'train' if train is None else train
         self.frame_jitter, self.backend, self.seed = frame_jitter, backend, seed
+        self.paths, self.labels = self.read_split(data_path, split, root)  # (N,), (N, L)
+        self._targets = self.item_labels()
         self.cache_path = None
         if not cache:
             check_clips_exist(self.paths)  # build_cache checks them too
         else:
             self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
-                                          backend=backend, workers=workers, progress=progress)
+                                          backend=backend, workers=workers, progress=progress,
+                                          decoder=self.decoder)
         self._arrays = None  # opened lazily, per process (DataLoader workers)
+
+    def read_split(self, data_path, split, root):
+        """(clip paths, labels (N, 8) int64) of the split config, checked."""
+        paths, labels = load_split(data_path, split)
+        check_aligned(paths, labels, where=f'{data_path} split {split!r}')
+        return (resolve_paths(paths, root),
+                np.asarray(labels, dtype=np.int64).T.reshape(len(paths), len(LABEL_NAMES)))
 
     def __len__(self):
         return len(self.paths)
@@ -587,16 +269,17 @@ class CREMADDataset(Dataset):
     def __getitem__(self, key):
         """key: an index, or (epoch, index) from an EpochSampler (an index alone is epoch 0)."""
         epoch, i = split_key(key)
-        offset = self._frame_offset(epoch, i)
+        face, spec = self.clip(i, self._frame_offset(epoch, i))
+        return (to_image(face), to_spectrogram(spec), *(int(x) for x in self._targets[i]))
+
+    def clip(self, i, offset):
+        """(face (128, 128, 3) uint8, log-mel) of clip i at `offset` frames from its centre."""
         if self.cache_path is None:
-            faces, spec = decode_clip(self.paths[i], self.frame_jitter, self.backend, [offset])
-            face = faces[0]
-        else:
-            arrays = self.arrays()
-            face, spec = arrays['frames'][i, offset + self.frame_jitter], arrays['specs'][i]
-        label = self.labels[i]
-        return (to_image(face), to_spectrogram(spec), int(label[EMOTION]), int(label[RACE]),
-                int(label[GENDER]), int(label[SENTENCE]))
+            faces, spec = (self.decoder or decode_clip)(self.paths[i], self.frame_jitter,
+                                                        self.backend, [offset])
+            return faces[0], spec
+        arrays = self.arrays()
+        return arrays['frames'][i, offset + self.frame_jitter], arrays['specs'][i]
 
     def _frame_offset(self, epoch, i):
         """Training: uniform in -jitter..jitter, drawn from (seed, epoch, i) alone; else 0."""
@@ -631,6 +314,8 @@ class CREMADDataset(Dataset):
 RML_EMOTIONS = ('happiness', 'sadness', 'anger', 'fear', 'surprise', 'disgust')
 RML_CODES = ('ha', 'sa', 'an', 'fe', 'su', 'di')
 RML_JITTER = 22                   # training frame within +-22 of the centre (released code)
+RML_DATASETS = ('RML', 'RML_probe')
+RML_BUILDER = 'python3 -m prepare.read_rml'
 RML_CROP = {240: 190}             # square centre crop by frame height; other heights: 380
 RML_OTHER_CROP = 380
 # Audio geometries: (sample rate, seconds kept around the centre or None for the
@@ -667,7 +352,6 @@ def rml_subject(path):
 def rml_face(frame):
     """(H, W, 3) uint8 frame -> (128, 128, 3) uint8 square centre crop (190 pixels when
     H is 240, else 380), resized."""
-    from PIL import Image
     h, w = frame.shape[:2]
     size = min(RML_CROP.get(h, RML_OTHER_CROP), h, w)
     top, left = (h - size) // 2, (w - size) // 2
@@ -678,9 +362,6 @@ def rml_face(frame):
 def rml_audio(audio, rate, geometry='RML'):
     """Mono (N,) audio at ``rate`` -> (samples, new rate) of the geometry: the central
     seconds (when longer), resampled."""
-    from math import gcd
-
-    from scipy.signal import resample_poly
     target, seconds = AUDIO_GEOMETRIES[geometry]
     if seconds is not None and len(audio) > seconds * rate:
         keep = int(seconds * rate)
@@ -719,7 +400,6 @@ class RMLDecoder:
         audio, rate = rml_audio(audio.mean(axis=0), rate, self.geometry)
         if not self.pitch_shifts:
             return faces, media.log_mel(audio, rate)
-        import librosa
         return faces, np.stack([media.log_mel(librosa.effects.pitch_shift(
             audio, sr=rate, n_steps=shift), rate) for shift in self.pitch_shifts])
 
@@ -752,7 +432,7 @@ def modify_choices(n, seed):
 
 def load_rml_split(data_path, split):
     """(paths, emotions) of an RML split config, checked against the clip names."""
-    paths, labels = load_pickles(data_path, split, builder='read_rml.py', flat=True)
+    paths, labels = pickles.load_split_files(data_path, split, builder=RML_BUILDER, flat=True)
     where = f'{data_path} split {split!r}'
     if len(labels) != len(paths):
         raise BadValueError(f'{where}: {len(paths)} paths but {len(labels)} emotion labels')
@@ -765,7 +445,7 @@ def load_rml_split(data_path, split):
 
 
 class RMLDataset(CREMADDataset):
-    """RML items of one split config (written by read_rml.py):
+    """RML items of one split config (written by prepare/read_rml.py):
 
         (image (3, 128, 128) float32 in [0, 1], spectrogram (1, 256, 256) float32,
          emotion, skin, pitch, -1)
@@ -778,29 +458,23 @@ class RMLDataset(CREMADDataset):
     (their last two parts, SUBJECT/NAME.avi) onto another RML folder.
     """
 
-    def __init__(self, data_path, split, *, train=None, root=None, cache=True,
-                 cache_dir='cache', frame_jitter=RML_JITTER, backend='pyav',
-                 workers=DEFAULT_WORKERS, progress=True, seed=0, modify_modal=False,
-                 audio_geometry='RML'):
-        paths, emotions = load_rml_split(data_path, split)
-        self.paths = [str(p) if root is None else os.path.join(root, *Path(p).parts[-2:])
-                      for p in paths]
-        self.train = split == 'train' if train is None else train
-        self.frame_jitter, self.backend, self.seed = frame_jitter, backend, seed
+    def __init__(self, data_path, split, *, frame_jitter=RML_JITTER, modify_modal=False,
+                 audio_geometry='RML', **kwargs):
         self.modify_modal = modify_modal
         self.decoder = RMLDecoder(audio_geometry, PITCH_SHIFTS if modify_modal else ())
-        self.choices = modify_choices(len(paths), seed) if modify_modal else None
-        self.labels = np.column_stack([emotions, self._extra_labels()]).astype(np.int64)
-        self.cache_path = None
-        if cache:
-            self.cache_path = build_cache(self.paths, cache_dir, frame_jitter=frame_jitter,
-                                          backend=backend, workers=workers, progress=progress,
-                                          decoder=self.decoder)
-        self._arrays = None
+        super().__init__(data_path, split, frame_jitter=frame_jitter, **kwargs)
 
-    def _extra_labels(self):
+    def read_split(self, data_path, split, root):
+        """(clip paths, labels (N, 4): emotion and _extra_labels) of the split config."""
+        paths, emotions = load_rml_split(data_path, split)
+        paths = [str(p) if root is None else os.path.join(root, *Path(p).parts[-2:])
+                 for p in paths]
+        self.choices = modify_choices(len(paths), self.seed) if self.modify_modal else None
+        return paths, np.column_stack([emotions, self._extra_labels(paths)]).astype(np.int64)
+
+    def _extra_labels(self, paths):
         """(N, 3): skin, pitch, -1 (see the class docstring)."""
-        extra = np.full((len(self.paths), 3), -1, np.int64)
+        extra = np.full((len(paths), 3), -1, np.int64)
         if self.choices is not None:
             extra[:, :2] = self.choices
         return extra
@@ -808,24 +482,20 @@ class RMLDataset(CREMADDataset):
     def item_labels(self):
         return self.labels
 
-    def __getitem__(self, key):
-        """key: an index, or (epoch, index) from an EpochSampler (an index alone is epoch 0)."""
-        epoch, i = split_key(key)
-        offset = self._frame_offset(epoch, i)
+    def clip(self, i, offset):
+        """The clip's face and log-mel; with modify_modal its skin recoloured and the
+        log-mel of its pitch shift (only that one is decoded without the cache)."""
+        if self.choices is None:
+            return super().clip(i, offset)
+        skin, pitch = self.choices[i]
         if self.cache_path is None:
-            decoder = self.decoder
-            if self.choices is not None:  # decode only this item's pitch shift
-                decoder = RMLDecoder(decoder.geometry, [PITCH_SHIFTS[self.choices[i, 1]]])
-            faces, spec = decoder(self.paths[i], self.frame_jitter, self.backend, [offset])
-            face, spec = faces[0], spec if self.choices is None else spec[0]
+            decoder = RMLDecoder(self.decoder.geometry, [PITCH_SHIFTS[pitch]])
+            faces, specs = decoder(self.paths[i], self.frame_jitter, self.backend, [offset])
+            face, spec = faces[0], specs[0]
         else:
-            arrays = self.arrays()
-            face, spec = arrays['frames'][i, offset + self.frame_jitter], arrays['specs'][i]
-            spec = spec if self.choices is None else spec[self.choices[i, 1]]
-        if self.choices is not None:
-            face = recolour_skin(face, list(SKIN_COLOURS.values())[self.choices[i, 0]])
-        label = self.labels[i]
-        return (to_image(face), to_spectrogram(spec), *(int(x) for x in label))
+            face, specs = super().clip(i, offset)
+            spec = specs[pitch]
+        return recolour_skin(face, list(SKIN_COLOURS.values())[skin]), spec
 
 
 class RMLProbeDataset(RMLDataset):
@@ -839,18 +509,17 @@ class RMLProbeDataset(RMLDataset):
     when there is none (a real RML copy). user: the subject, s1..s8 -> 0..7.
     """
 
-    def _extra_labels(self):
-        extra = super()._extra_labels()
-        extra[:, 2] = [rml_subject(p) for p in self.paths]
+    def _extra_labels(self, paths):
+        extra = super()._extra_labels(paths)
+        extra[:, 2] = [rml_subject(p) for p in paths]
         if self.choices is None:
-            extra[:, :2] = rml_ground_truth_classes(self.paths)
+            extra[:, :2] = rml_ground_truth_classes(paths)
         return extra
 
 
 def rml_ground_truth_classes(paths):
     """(N, 2) int64 (skin tone, pitch class) of each clip from the ground_truth.csv two
     folders up (the twin's root); -1 where there is no such file or row."""
-    import csv
     out = np.full((len(paths), 2), -1, np.int64)
     tables = {}
     for i, path in enumerate(paths):
@@ -940,9 +609,9 @@ def load_emo_split(data_path, split):
     for kind in EMO_SPLIT_FILES:
         path = Path(data_path) / f'{split}_{kind}.pkl'
         if not path.is_file():
-            raise MissingError(f'split file {path} does not exist (build it with read_emo.py)')
-        with open(path, 'rb') as f:
-            lists[kind] = list(pickle.load(f))
+            raise MissingError(f'split file {path} does not exist (build it with python3 -m '
+                               'prepare.read_emo)')
+        lists[kind] = list(pickles.read(path))
     where = f'{data_path} split {split!r}'
     if not len(lists['image']) == len(lists['audio']) == len(lists['index']):
         raise BadValueError(f'{where}: {len(lists["image"])} image, {len(lists["audio"])} audio '
@@ -964,6 +633,12 @@ def subsample_items(n, subsample):
     if subsample is None:
         return np.arange(n)
     return np.arange(0, n, int(np.ceil(n / float(subsample))))
+
+
+def track_paths(root, key):
+    """(frame folder, WAV, logits file) of track ``key`` under ``root``."""
+    root = Path(root)
+    return root / 'frames' / key, root / 'wav' / f'{key}.wav', root / 'logits' / f'{key}.npy'
 
 
 def frame_name(k):
@@ -1021,7 +696,7 @@ def feature_info(data_path):
     path = Path(data_path) / 'features.json'
     if not path.is_file():
         raise MissingError(f'{path} does not exist: data_path={str(data_path)!r} is not a '
-                         'feature folder (write one with make_features.py)')
+                           'feature folder (write one with python3 -m prepare.make_features)')
     return json.loads(path.read_text())
 
 
@@ -1039,8 +714,7 @@ class RMLFeatDataset(Dataset):
                              f'({info["audio_bundle"]}); give one in 1..{count}')
         self.layer, self.train = layer, train
         self.files = {m: Path(data_path) / f'{split}_{m}.npy' for m in ('image', 'audio')}
-        with open(Path(data_path) / f'{split}_labels.pkl', 'rb') as f:
-            self.labels = [int(e) for e in pickle.load(f)]
+        self.labels = [int(e) for e in pickles.read(Path(data_path) / f'{split}_labels.pkl')]
         rows = {m: np.load(path, mmap_mode='r').shape[0] for m, path in self.files.items()}
         if set(rows.values()) != {len(self.labels)}:
             raise BadValueError(f'{data_path} split {split!r}: {rows["image"]} image rows, '
@@ -1072,6 +746,11 @@ CLASS_NAMES = {'CREMA-D': EMOTIONS, 'RML': RML_EMOTIONS, 'RML_feat': RML_EMOTION
 NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
 # Datasets whose label is a teacher's logits (C,): MSE loss, accuracy by arg-max.
 SOFT_LABELS = ('EmoVoxCeleb',)
+
+
+def default_frame_jitter(dataset):
+    """The released training-frame window of a dataset: RML +-22, CREMA-D +-15."""
+    return RML_JITTER if dataset in RML_DATASETS else CREMAD_JITTER
 
 
 def get_dataset(name, *args, **kwargs):

@@ -3,27 +3,21 @@
 Imports only torch, torchvision and the standard library. Shapes use B = batch,
 D = embedding_dim, K = num_embeddings, h = num_hiddens; 1 = image, 2 = audio.
 
-Public API
-----------
-Constants (allowed config values): MODES, BASE_TYPES, THRESHOLD_FNS, MASK_INITS,
-    DATASETS, PROBE_KEEPS, DEFAULT_THRESHOLD.
-Builders (cfg is a mapping; extra keys are ignored; bad values raise ValueError):
-    validate_config(cfg)        -> None
+Builders (cfg: main.py's settings plus num_classes; extra keys are ignored):
     build_model(cfg)            -> Model | ModelBaseline | ModelComparison | ModelFeat
     build_vqvae(cfg)            -> ModelVQVAE      (two-stage, stage 1)
     build_solver(cfg)           -> ModelSolver     (two-stage, stage 2)
     build_probe(cfg, keep=)     -> ModelProbe      (keep: PROBE_KEEPS)
-Models (keyword-only constructors, paper sizes by default):
+Models (keyword-only constructors; the paper's values are main.py's header):
     Model               base_type 0: VQ-VAE x 2 + masked TaskSolver
     ModelBaseline       base_type 1 (no VQ/decoders, no mask), 2 (no mask),
                         3 (no VQ/decoders, masked)
     ModelComparison     base_type 4: two ResNet18 (the OGM-GE backbone)
     ModelVQVAE          encoders + pre-VQ + quantizers + decoders, no classifier
     ModelSolver         TaskSolver on frozen quantized maps: forward(q_image, q_audio)
+    ModelTwoStage       a frozen ModelVQVAE feeding a ModelSolver (main_separate.py)
     ModelProbe + Masker decode shared-only / private-only / neighbour-mixed codes
-Released checkpoints: load_released(net, state_dict) loads the released code's
-    state dict (its module names) into the matching model, in place.
-    ModelFeat + TaskSolverFeat  per-frame feature sequences (B, T, F), LSTM
+(RML_feat's ModelFeat, on pre-extracted feature sequences, is in model_feat.py.)
 All forwards return ModelOutput (fields a variant does not produce are None):
     logits (B, C), vq_loss (image + audio), recon_image, recon_audio,
     perplexity_image, perplexity_audio, quantized_image, quantized_audio
@@ -38,13 +32,11 @@ Every model has (None / no-op when it has no mask or no codebook):
 As released: the TaskSolver's residual stack (on D/2 channels) has
 num_residual_hiddens // 4 hidden channels; 'attention' masks multiply by the raw
 values but count channels with the binarizer rule; the probe's 'mix' gives sample
-i the private codes of sample i - 1. `load_released(net, state_dict)` loads a
-state dict saved by the released code. `python3 model.py` prints the paper-size
-parameter counts (checked in tests/test_model.py).
+i the private codes of sample i - 1. A state dict saved by the released code loads
+with cmvq.released.load_released.
 """
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -61,8 +53,9 @@ DATASETS = ('CREMA-D', 'RML', 'RML_feat', 'EmoVoxCeleb')
 PROBE_KEEPS = ('all', 'shared', 'private', 'mix')
 MODALITIES = ('image', 'audio')
 DEFAULT_THRESHOLD = 5e-3
-FEATURE_FRAMES = 16            # time frames the feature TaskSolver models (released)
-EMA_EPS = 1e-5
+EMA_EPS = 1e-5                 # Laplace smoothing of the EMA cluster sizes (released)
+LATENT_SIZE = 32               # side of the latent maps the TaskSolver takes
+DROPOUT = 0.5                  # the released TaskSolver's dropout probability
 
 # Per-modality architecture: input channels, maxpool after the third encoder
 # conv (audio is 256x256 and must reach the same 32x32 latent), decoder upsamplings.
@@ -356,11 +349,6 @@ def binarizer(raw, threshold=DEFAULT_THRESHOLD):
     return _StraightThrough.apply(raw, lambda m: (m > threshold).to(m.dtype))
 
 
-def inverse_binarizer(raw, threshold=DEFAULT_THRESHOLD):
-    """0 where raw > threshold, else 1: selects what the binarizer drops."""
-    return _StraightThrough.apply(raw, lambda m: (m <= threshold).to(m.dtype))
-
-
 def _ternary(m, threshold):
     return (m > threshold).to(m.dtype) - (m < 0).to(m.dtype)
 
@@ -410,11 +398,13 @@ def compute_mask_ratios(mask, embedding_dim):
 # Task solvers
 
 
-class _MaskedSolver(nn.Module):
+class MaskedSolver(nn.Module):
     """Holds the (2D, 1, 1) channel mask and applies it to both modalities' codes.
 
     First D entries gate the image channels, last D the audio channels. With
     masked=False the mask parameter does not exist and codes pass unchanged.
+    Keywords (the mask options, MASK_KEYS): mode, masked, mask_init, mask_scale,
+    threshold_fn, threshold (None: DEFAULT_THRESHOLD).
     """
 
     def __init__(self, *, mode, embedding_dim, masked, mask_init, mask_scale,
@@ -523,20 +513,16 @@ def _mlp_head(in_features, num_classes, dropout):
     )
 
 
-class TaskSolver(_MaskedSolver):
+class TaskSolver(MaskedSolver):
     """Emotion classifier on masked codes: (B, D, 32, 32) x 2 -> logits (B, C).
 
     Masked concat (B, n*D, 32, 32) -> conv/2 -> (B, D/2, 16, 16) -> conv/2
     -> (B, D/2, 8, 8) -> residual stack -> flatten (D/2*64) -> fc 256 -> fc C.
     """
 
-    def __init__(self, *, mode='multimodal', embedding_dim=64, num_residual_layers=2,
-                 num_residual_hiddens=32, num_classes=6, masked=True, mask_init='1s',
-                 mask_scale=1e-2, threshold_fn='binarizer', threshold=None,
-                 latent_size=32, dropout=0.5):
-        super().__init__(mode=mode, embedding_dim=embedding_dim, masked=masked,
-                         mask_init=mask_init, mask_scale=mask_scale,
-                         threshold_fn=threshold_fn, threshold=threshold)
+    def __init__(self, *, embedding_dim, num_residual_layers, num_residual_hiddens,
+                 num_classes, latent_size=LATENT_SIZE, dropout=DROPOUT, **mask):
+        super().__init__(embedding_dim=embedding_dim, **mask)
         # As released: the stack has D/2 channels (the released num_hiddens / 4, equal
         # whenever that code runs) and num_residual_hiddens // 4 hidden channels.
         half = embedding_dim // 2
@@ -558,87 +544,14 @@ class TaskSolver(_MaskedSolver):
         return self.classifier(self.features(self.masked_codes(q_image, q_audio)))
 
 
-def frame_indices(length, num):
-    """num indices spread evenly over 0..length-1, both ends kept: round(i * (length-1) /
-    (num-1)) as the released code rounds (Python's round); num=1 takes the middle."""
-    if num == 1:
-        return [(length - 1) // 2]
-    step = (length - 1) / (num - 1)
-    return [round(step * i) for i in range(num)]
-
-
-def subsample_features(features, num=FEATURE_FRAMES):
-    """(B, T, F) -> (B, num, F): num time frames spread evenly over T (the released
-    subsample_features takes the 64 audio frames to 16). T < num repeats frames."""
-    return features[:, frame_indices(features.shape[1], num)]
-
-
-class _FrameProjection(nn.Sequential):
-    """Per time frame: (fc, BatchNorm over (batch, time), ReLU, dropout) per width.
-
-    (B, T, F) -> (B, T, widths[-1]); the BatchNorm sees (B, C, T), as in the
-    released TaskSolver_Feat."""
-
-    def __init__(self, in_features, widths, dropout):
-        layers = []
-        for width in widths:
-            layers += [nn.Linear(in_features, width), _TimeBatchNorm(width),
-                       nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            in_features = width
-        super().__init__(*layers)
-
-
-class _TimeBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d on (B, T, C) features: normalises each channel over batch and time."""
-
-    def forward(self, x):
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
-class TaskSolverFeat(_MaskedSolver):
-    """The released TaskSolver_Feat on masked per-frame codes: logits (B, C).
-
-    q_image (B, D, Ti), q_audio (B, D, Ta) -> masked -> frames (B, T, D), each
-    modality subsampled to num_frames (audio 64 -> 16; image 16 stays) ->
-    per-frame projections: image fc D->1024->512, audio fc D->512 (each fc with
-    BatchNorm, ReLU, dropout) -> concat per frame (B, 16, 512 * n) -> LSTM 256 ->
-    last step -> BatchNorm, ReLU, dropout -> fc C. 'image-only'/'audio-only' keep
-    that modality's branch alone.
-    """
-
-    def __init__(self, *, mode='multimodal', embedding_dim=64, num_frames=FEATURE_FRAMES,
-                 image_widths=(1024, 512), audio_widths=(512,), lstm_size=256,
-                 num_classes=6, masked=True, mask_init='1s', mask_scale=1e-2,
-                 threshold_fn='binarizer', threshold=None, dropout=0.5):
-        super().__init__(mode=mode, embedding_dim=embedding_dim, masked=masked,
-                         mask_init=mask_init, mask_scale=mask_scale,
-                         threshold_fn=threshold_fn, threshold=threshold)
-        self.num_frames = num_frames
-        widths = {'image': image_widths, 'audio': audio_widths}
-        self.projections = nn.ModuleDict({m: _FrameProjection(embedding_dim, widths[m], dropout)
-                                          for m in self.in_modalities})
-        fused = sum(widths[m][-1] for m in self.in_modalities)
-        self.lstm = nn.LSTM(fused, lstm_size, batch_first=True)
-        self.classifier = nn.Sequential(nn.BatchNorm1d(lstm_size), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(lstm_size, num_classes))
-
-    def forward(self, q_image, q_audio):
-        frames = []
-        for modality, x in self.masked_parts(q_image, q_audio).items():
-            x = subsample_features(x.transpose(1, 2), self.num_frames)  # (B, 16, D)
-            frames.append(self.projections[modality](x))               # (B, 16, width)
-        output, _ = self.lstm(torch.cat(frames, dim=2))                # (B, 16, lstm)
-        return self.classifier(output[:, -1])
-
-
 # ----------------------------------------------------------------------------
 # Models
 
 
-class _ModelBase(nn.Module):
+class ModelBase(nn.Module):
     """Mask and codebook accessors shared by every model.
 
-    Subclasses may hold a `solver` (a _MaskedSolver) and `quantizers` (a
+    Subclasses may hold a `solver` (a MaskedSolver) and `quantizers` (a
     ModuleDict keyed 'image'/'audio'), directly or inside a `backbone`.
     """
 
@@ -687,7 +600,7 @@ class _ModelBase(nn.Module):
             for m in MODALITIES)
 
 
-class ModelVQVAE(_ModelBase):
+class ModelVQVAE(ModelBase):
     """Encoders + pre-VQ convs (+ quantizers + decoders) for the given modalities.
 
     forward(image (B, 3, 128, 128), audio (B, 1, 256, 256)) -> ModelOutput with
@@ -696,9 +609,8 @@ class ModelVQVAE(_ModelBase):
     holds the pre-VQ map (base_type 1 and 3).
     """
 
-    def __init__(self, *, num_hiddens=128, num_residual_hiddens=32,
-                 num_residual_layers=2, embedding_dim=64, num_embeddings=512,
-                 commitment_cost=0.25, decay=0.99, quantize=True,
+    def __init__(self, *, num_hiddens, num_residual_hiddens, num_residual_layers,
+                 embedding_dim, num_embeddings, commitment_cost, decay, quantize=True,
                  modalities=MODALITIES):
         super().__init__()
         for modality in modalities:
@@ -748,28 +660,23 @@ class ModelVQVAE(_ModelBase):
                      for m in MODALITIES)
 
 
-class _SolverModel(_ModelBase):
+class SolverModel(ModelBase):
     """backbone (ModelVQVAE) + solver (TaskSolver): the base_type 0-3 models."""
 
-    def __init__(self, *, quantize, masked, mode='multimodal', num_hiddens=128,
-                 num_residual_hiddens=32, num_residual_layers=2, embedding_dim=64,
-                 num_embeddings=512, commitment_cost=0.25, decay=0.99, num_classes=6,
-                 mask_init='1s', mask_scale=1e-2, threshold_fn='binarizer',
-                 threshold=None):
+    def __init__(self, *, quantize, num_hiddens, num_residual_hiddens, num_residual_layers,
+                 embedding_dim, num_embeddings, commitment_cost, decay, num_classes, **mask):
         super().__init__()
         # Decoders train both encoders whatever the mode; without them an unused
         # modality would get no gradient, so it is not built.
-        modalities = MODALITIES if quantize else used_modalities(mode)
+        modalities = MODALITIES if quantize else used_modalities(mask['mode'])
         self.backbone = ModelVQVAE(
             num_hiddens=num_hiddens, num_residual_hiddens=num_residual_hiddens,
             num_residual_layers=num_residual_layers, embedding_dim=embedding_dim,
             num_embeddings=num_embeddings, commitment_cost=commitment_cost,
             decay=decay, quantize=quantize, modalities=modalities)
         self.solver = TaskSolver(
-            mode=mode, embedding_dim=embedding_dim, num_residual_layers=num_residual_layers,
-            num_residual_hiddens=num_residual_hiddens, num_classes=num_classes,
-            masked=masked, mask_init=mask_init, mask_scale=mask_scale,
-            threshold_fn=threshold_fn, threshold=threshold)
+            embedding_dim=embedding_dim, num_residual_layers=num_residual_layers,
+            num_residual_hiddens=num_residual_hiddens, num_classes=num_classes, **mask)
 
     def forward(self, image, audio):
         out = self.backbone(image, audio)
@@ -777,12 +684,11 @@ class _SolverModel(_ModelBase):
         return out._replace(logits=logits)
 
 
-class Model(_SolverModel):
+class Model(SolverModel):
     """CM-VQVAE (base_type 0): two VQ-VAEs + masked TaskSolver.
 
-    Keyword arguments: mode, num_hiddens, num_residual_hiddens,
-    num_residual_layers, embedding_dim, num_embeddings, commitment_cost, decay,
-    num_classes, mask_init, mask_scale, threshold_fn, threshold.
+    Keyword arguments: the VQ-VAE widths (VQVAE_KEYS), num_classes and the mask
+    options (MASK_KEYS but masked); build_model takes them from a config.
     """
 
     base_type = 0
@@ -791,7 +697,7 @@ class Model(_SolverModel):
         super().__init__(quantize=True, masked=True, **kwargs)
 
 
-class ModelBaseline(_SolverModel):
+class ModelBaseline(SolverModel):
     """Ablations: base_type 1 encoders + pre-VQ + unmasked solver; 2 whole VQ-VAE
     + unmasked solver; 3 encoders + pre-VQ + masked solver. Same keywords as Model."""
 
@@ -801,12 +707,12 @@ class ModelBaseline(_SolverModel):
         self.base_type = base_type
 
 
-class ModelComparison(_ModelBase):
+class ModelComparison(ModelBase):
     """base_type 4: ResNet18 per modality (untrained) -> 512-d each -> fc head."""
 
     base_type = 4
 
-    def __init__(self, *, mode='multimodal', num_classes=6, dropout=0.5):
+    def __init__(self, *, mode, num_classes, dropout=DROPOUT):
         super().__init__()
         self.mode = mode
         self.nets = nn.ModuleDict({m: _resnet18(m) for m in used_modalities(mode)})
@@ -827,26 +733,47 @@ def _resnet18(modality):
     return net
 
 
-class ModelSolver(_ModelBase):
+class ModelSolver(ModelBase):
     """Two-stage, stage 2: TaskSolver on a frozen ModelVQVAE's quantized maps.
 
     forward(quantized_image, quantized_audio), each (B, D, 32, 32) -> ModelOutput.
     """
 
-    def __init__(self, *, mode='multimodal', embedding_dim=64, num_residual_layers=2,
-                 num_residual_hiddens=32, num_classes=6, masked=True, mask_init='1s',
-                 mask_scale=1e-2, threshold_fn='binarizer', threshold=None):
+    def __init__(self, **kwargs):
         super().__init__()
-        self.solver = TaskSolver(
-            mode=mode, embedding_dim=embedding_dim, num_residual_layers=num_residual_layers,
-            num_residual_hiddens=num_residual_hiddens, num_classes=num_classes,
-            masked=masked, mask_init=mask_init, mask_scale=mask_scale,
-            threshold_fn=threshold_fn, threshold=threshold)
+        self.solver = TaskSolver(**kwargs)
 
     def forward(self, quantized_image, quantized_audio):
         logits = self.solver(quantized_image, quantized_audio)
         return ModelOutput(logits=logits, quantized_image=quantized_image,
                            quantized_audio=quantized_audio)
+
+
+class ModelTwoStage(ModelBase):
+    """Two-stage, both stages: a frozen ModelVQVAE (backbone) feeding a ModelSolver.
+
+    forward(image, audio) -> ModelOutput. The VQ-VAE stays in eval mode (fixed
+    BatchNorm statistics and codebooks) and gets no gradient. Its decoders run
+    only outside training (validation, test, the saved reconstructions):
+    training steps need just the codes.
+    """
+
+    def __init__(self, vqvae, solver):
+        super().__init__()
+        self.backbone, self.solver = vqvae.requires_grad_(False), solver
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, image, audio):
+        with torch.no_grad():
+            codes = self.backbone(image, audio, decode=not self.training)  # (B, D, 32, 32)
+        out = self.solver(codes.quantized_image, codes.quantized_audio)
+        return out._replace(recon_image=codes.recon_image, recon_audio=codes.recon_audio,
+                            perplexity_image=codes.perplexity_image,
+                            perplexity_audio=codes.perplexity_audio)
 
 
 class Masker(nn.Module):
@@ -900,157 +827,42 @@ class ModelProbe(Model):
                             quantized_image=q_image, quantized_audio=q_audio)
 
 
-class ModelFeat(_ModelBase):
-    """CM-VQVAE on pre-extracted features: image (B, Ti, Fi), audio (B, Ta, Fa).
-
-    Per modality and frame: MLP F -> D, VQ, MLP D -> F (reconstruction); then
-    TaskSolverFeat (mask, per-frame projections, LSTM, fc). quantized_* are (B, D, T).
-
-    The released Model_Feat has no encoder or decoder: it views the 65,536 raw
-    values of a clip (16 x 4096 image, 64 x 1024 audio) as a 64 x 32 x 32 map, so
-    its codes mix values of different frames, its mask gates blocks of frames
-    rather than code channels, and its "reconstruction" is the quantized input
-    itself. The per-frame encoder here gives D code channels per frame for any
-    feature size, so the mask gates code channels as in Model.
-    """
-
-    def __init__(self, *, image_features, audio_features, mode='multimodal',
-                 embedding_dim=64, num_embeddings=512, commitment_cost=0.25,
-                 decay=0.99, hidden_size=128, num_frames=FEATURE_FRAMES, num_classes=6,
-                 masked=True, mask_init='1s', mask_scale=1e-2, threshold_fn='binarizer',
-                 threshold=None):
-        super().__init__()
-        sizes = {'image': image_features, 'audio': audio_features}
-        self.encoders = nn.ModuleDict({m: _frame_mlp(sizes[m], hidden_size, embedding_dim)
-                                       for m in MODALITIES})
-        self.quantizers = nn.ModuleDict({m: make_quantizer(
-            num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-            commitment_cost=commitment_cost, decay=decay) for m in MODALITIES})
-        self.decoders = nn.ModuleDict({m: _frame_mlp(embedding_dim, hidden_size, sizes[m])
-                                       for m in MODALITIES})
-        self.solver = TaskSolverFeat(
-            mode=mode, embedding_dim=embedding_dim, num_frames=num_frames,
-            num_classes=num_classes, masked=masked, mask_init=mask_init,
-            mask_scale=mask_scale, threshold_fn=threshold_fn, threshold=threshold)
-
-    def forward(self, image, audio, decode=True):
-        """decode=False skips the decoders (recon_* None): for callers that only
-        need the codes, e.g. a frozen VQ-VAE feeding the two-stage solver."""
-        inputs = {'image': image, 'audio': audio}
-        fields, losses = {}, []
-        for m in MODALITIES:
-            z = self.encoders[m](inputs[m]).transpose(1, 2)  # (B, D, T)
-            vq = self.quantizers[m](z)
-            losses.append(vq.loss)
-            recon = (self.decoders[m](vq.quantized.transpose(1, 2))  # (B, T, F)
-                     if decode else None)
-            fields.update({f'quantized_{m}': vq.quantized, f'vq_loss_{m}': vq.loss,
-                           f'perplexity_{m}': vq.perplexity, f'indices_{m}': vq.indices,
-                           f'recon_{m}': recon})
-        logits = self.solver(fields['quantized_image'], fields['quantized_audio'])
-        return ModelOutput(logits=logits, vq_loss=sum(losses), **fields)
-
-
-def _frame_mlp(in_features, hidden, out_features):
-    """Per-frame MLP on (..., in_features) -> (..., out_features)."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_features))
-
-
 # ----------------------------------------------------------------------------
 # Builders from a config mapping
 
-REQUIRED_KEYS = ('dataset', 'mode', 'base_type', 'num_hiddens', 'num_residual_hiddens',
-                 'num_residual_layers', 'embedding_dim', 'num_embeddings',
-                 'commitment_cost', 'decay', 'mask_init', 'mask_scale',
-                 'threshold_fn', 'threshold', 'num_classes')
+VQVAE_KEYS = ('num_hiddens', 'num_residual_hiddens', 'num_residual_layers', 'embedding_dim',
+              'num_embeddings', 'commitment_cost', 'decay')
+MASK_KEYS = ('mode', 'mask_init', 'mask_scale', 'threshold_fn', 'threshold')
 
 
-def validate_config(cfg):
-    """Raise ValueError on a missing key or a value outside the allowed ones."""
-    missing = [k for k in REQUIRED_KEYS if k not in cfg]
-    if missing:
-        raise ValueError(f'model config is missing {", ".join(missing)}')
-    check_choice('dataset', cfg['dataset'], DATASETS)
-    check_choice('mode', cfg['mode'], MODES)
-    check_choice('base_type', cfg['base_type'], BASE_TYPES)
-    check_choice('mask_init', cfg['mask_init'], MASK_INITS)
-    check_choice('threshold_fn', cfg['threshold_fn'], THRESHOLD_FNS)
-    if not 0 <= cfg['decay'] < 1:
-        raise ValueError(f"decay={cfg['decay']!r} must be in [0, 1) (0: plain VQ)")
-    for key in ('num_hiddens', 'embedding_dim'):
-        if cfg[key] < 4 or cfg[key] % 4:
-            raise ValueError(f'{key}={cfg[key]!r} must be a positive multiple of 4')
-    for key in ('num_embeddings', 'num_classes'):
-        if cfg[key] < 1:
-            raise ValueError(f'{key}={cfg[key]!r} must be >= 1')
-    if cfg['num_residual_hiddens'] < 4:  # the TaskSolver's stack gets a quarter of it
-        raise ValueError(f"num_residual_hiddens={cfg['num_residual_hiddens']!r} must be >= 4")
-    if cfg['num_residual_layers'] < 0:
-        raise ValueError(f"num_residual_layers={cfg['num_residual_layers']!r} must be >= 0")
-
-
-def _vqvae_kwargs(cfg):
-    keys = ('num_hiddens', 'num_residual_hiddens', 'num_residual_layers',
-            'embedding_dim', 'num_embeddings', 'commitment_cost', 'decay')
-    return {k: cfg[k] for k in keys}
-
-
-def _mask_kwargs(cfg):
-    keys = ('mode', 'num_classes', 'mask_init', 'mask_scale', 'threshold_fn',
-            'threshold')
+def _pick(cfg, keys):
     return {k: cfg[k] for k in keys}
 
 
 def build_model(cfg):
-    """The model for cfg['base_type'] (0-4); ModelFeat when dataset is 'RML_feat'
-    (then cfg also needs image_features and audio_features)."""
-    validate_config(cfg)
-    base_type = cfg['base_type']
-    if cfg['dataset'] == 'RML_feat':
-        return _build_feat(cfg)
+    """The model of cfg['base_type'] (0-4). cfg: main.py's settings plus num_classes
+    (cmvq.config.model_config, which has checked them); RML_feat's models are
+    model_feat.py's."""
+    base_type, num_classes = cfg['base_type'], cfg['num_classes']
     if base_type == 4:
-        return ModelComparison(mode=cfg['mode'], num_classes=cfg['num_classes'])
-    kwargs = {**_vqvae_kwargs(cfg), **_mask_kwargs(cfg)}
+        return ModelComparison(mode=cfg['mode'], num_classes=num_classes)
+    kwargs = {**_pick(cfg, VQVAE_KEYS), **_pick(cfg, MASK_KEYS), 'num_classes': num_classes}
     if base_type == 0:
         return Model(**kwargs)
     return ModelBaseline(base_type=base_type, **kwargs)
 
 
-def _build_feat(cfg):
-    missing = [k for k in ('image_features', 'audio_features') if k not in cfg]
-    if missing:
-        raise ValueError(f"dataset='RML_feat' needs {', '.join(missing)} in the config")
-    if cfg['base_type'] not in (0, 2):
-        raise ValueError(f"dataset='RML_feat' supports base_type 0, 2, "
-                         f"not {cfg['base_type']!r}")
-    keys = ('embedding_dim', 'num_embeddings', 'commitment_cost', 'decay')
-    return ModelFeat(image_features=cfg['image_features'],
-                     audio_features=cfg['audio_features'],
-                     masked=cfg['base_type'] == 0,
-                     **{k: cfg[k] for k in keys}, **_mask_kwargs(cfg))
-
-
-def _check_two_stage(cfg):
-    validate_config(cfg)
-    if cfg['base_type'] not in (0, 2):
-        raise ValueError(f"two-stage training needs base_type 0 (masked) or 2 "
-                         f"(unmasked), not {cfg['base_type']!r}")
-
-
 def build_vqvae(cfg):
     """Two-stage, stage 1: both modalities' VQ-VAEs, trained on reconstruction."""
-    _check_two_stage(cfg)
-    return ModelVQVAE(**_vqvae_kwargs(cfg))
+    return ModelVQVAE(**_pick(cfg, VQVAE_KEYS))
 
 
 def build_solver(cfg):
     """Two-stage, stage 2: the TaskSolver (masked for base_type 0, not for 2)."""
-    _check_two_stage(cfg)
-    return ModelSolver(embedding_dim=cfg['embedding_dim'],
-                       num_residual_layers=cfg['num_residual_layers'],
-                       num_residual_hiddens=cfg['num_residual_hiddens'],
-                       masked=cfg['base_type'] == 0, **_mask_kwargs(cfg))
+    check_choice('base_type', cfg['base_type'], (0, 2))
+    return ModelSolver(masked=cfg['base_type'] == 0, num_classes=cfg['num_classes'],
+                       **_pick(cfg, ('embedding_dim', 'num_residual_layers',
+                                     'num_residual_hiddens', *MASK_KEYS)))
 
 
 def build_probe(cfg, *, keep='shared'):
@@ -1058,189 +870,11 @@ def build_probe(cfg, *, keep='shared'):
 
     keep: 'all', 'shared', 'private' or 'mix' (own shared + previous sample's private).
     """
-    validate_config(cfg)
-    if cfg['base_type'] != 0:
-        raise ValueError(f"probing needs base_type 0, not {cfg['base_type']!r}")
-    return ModelProbe(keep=keep, **_vqvae_kwargs(cfg), **_mask_kwargs(cfg))
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints of the released code (CyberAgentAILab/CM-VQVAE)
-
-# The released modules name their stateful layers; the project's Sequentials hold
-# the same layers in the same order (ReLU, pooling, dropout and flatten hold no
-# state), so the k-th stateful child gets the k-th name below.
-_RELEASED_LAYERS = {
-    'encoder': ('_conv_1', '_bn_1', '_conv_2', '_bn_2', '_conv_3', '_residual_stack'),
-    'decoder_image': ('_conv_1', '_residual_stack', '_conv_trans_1', '_bn', '_conv_trans_2'),
-    'decoder_audio': ('_conv_1', '_residual_stack', '_conv_trans_1', '_bn_1',
-                      '_conv_trans_2', '_bn_2', '_conv_trans_3'),
-    'solver_features': ('_conv1', '_bn_1', '_conv2', '_residual_stack'),
-    'solver_head': ('_fc1', '_bn_2', '_fc2'),
-    'comparison_head': ('_fc1', '_bn', '_fc2'),
-}
-_RELEASED_RESNETS = {'image': '_resnet18_1', 'audio': '_resnet18_2'}
-
-
-def _join(*parts):
-    return '.'.join(p for p in parts if p)
-
-
-def _stack_pairs(stack, ours, theirs):
-    """ResidualStack: blocks -> _layers.i._block, the final BN -> _bn."""
-    n = len(stack) - 2  # num_layers blocks, then BN and ReLU
-    pairs = [(f'{ours}.{i}.block', f'{theirs}._layers.{i}._block') for i in range(n)]
-    return pairs + [(f'{ours}.{n}', f'{theirs}._bn')]
-
-
-def _layer_pairs(seq, ours, theirs, kind):
-    """(project prefix, released prefix) for each stateful child of a Sequential."""
-    names = _RELEASED_LAYERS[kind]
-    stateful = [i for i, child in enumerate(seq) if child.state_dict()]
-    assert len(stateful) == len(names), f'{kind}: {len(stateful)} stateful layers'
-    pairs = []
-    for i, name in zip(stateful, names, strict=True):
-        if isinstance(seq[i], ResidualStack):
-            pairs += _stack_pairs(seq[i], f'{ours}.{i}', _join(theirs, name))
-        else:
-            pairs.append((f'{ours}.{i}', _join(theirs, name)))
-    return pairs
-
-
-def _backbone_pairs(backbone, prefix):
-    """Encoders, pre-VQ convs, quantizers and decoders of a ModelVQVAE."""
-    pairs = []
-    for m in backbone.modalities:
-        ours = _join(prefix, 'encoders', m)
-        pairs += _layer_pairs(backbone.encoders[m], ours, f'_encoder_{m}', 'encoder')
-        pairs.append((_join(prefix, 'pre_vq', m), f'_pre_vq_conv_{m}'))
-        if not backbone.quantize:
-            continue
-        ours, theirs = _join(prefix, 'quantizers', m), f'_vq_vae_{m}'
-        if isinstance(backbone.quantizers[m], VectorQuantizerEMA):
-            # The released EMA quantizer keeps the codes in an nn.Embedding.
-            pairs += [(f'{ours}.embedding', f'{theirs}._embedding.weight'),
-                      (f'{ours}.ema_w', f'{theirs}._ema_w'),
-                      (f'{ours}.ema_cluster_size', f'{theirs}._ema_cluster_size')]
-        else:
-            pairs.append((f'{ours}.embedding', f'{theirs}._embedding'))
-        pairs += _layer_pairs(backbone.decoders[m], _join(prefix, 'decoders', m),
-                              f'_decoder_{m}', f'decoder_{m}')
-    return pairs
-
-
-def _released_pairs(net):
-    """[(project prefix, released prefix)] covering every entry of net.state_dict()."""
-    if isinstance(net, ModelComparison):
-        pairs = [(f'nets.{m}', _RELEASED_RESNETS[m]) for m in net.nets]
-        return pairs + _layer_pairs(net.classifier, 'classifier', '', 'comparison_head')
-    if isinstance(net, ModelFeat):
-        raise ValueError('load_released supports the CREMA-D models, not ModelFeat')
-    pairs = []
-    if isinstance(net, ModelVQVAE):
-        pairs += _backbone_pairs(net, '')
-    if isinstance(net, _SolverModel):
-        pairs += _backbone_pairs(net.backbone, 'backbone')
-    solver = getattr(net, 'solver', None)
-    if solver is not None:
-        if solver.mask is not None:
-            pairs.append(('solver.mask', '_classifier.private_shared_mask'))
-        pairs += _layer_pairs(solver.features, 'solver.features', '_classifier',
-                              'solver_features')
-        pairs += _layer_pairs(solver.classifier, 'solver.classifier', '_classifier',
-                              'solver_head')
-    return pairs
-
-
-def _unbuilt_prefixes(net):
-    """Released prefixes of modules the released code builds but never uses, which
-    the project does not build: the VQ modules and decoders of base_type 1 and 3,
-    the unused modality's encoder there and its ResNet in base_type 4."""
-    if isinstance(net, ModelComparison):
-        return tuple(f'{_RELEASED_RESNETS[m]}.' for m in MODALITIES if m not in net.nets)
-    backbone = net.backbone if isinstance(net, _SolverModel) else None
-    if backbone is None or backbone.quantize:
-        return ()
-    prefixes = [f'_vq_vae_{m}.' for m in MODALITIES] + [f'_decoder_{m}.' for m in MODALITIES]
-    for m in MODALITIES:
-        if m not in backbone.modalities:
-            prefixes += [f'_encoder_{m}.', f'_pre_vq_conv_{m}.']
-    return tuple(prefixes)
-
-
-def released_names(net):
-    """{project state_dict key: released state_dict key} for net."""
-    pairs = _released_pairs(net)
-    names = {}
-    for key in net.state_dict():
-        for ours, theirs in pairs:
-            if key == ours or key.startswith(ours + '.'):
-                names[key] = _join(theirs, key[len(ours) + 1:])
-                break
-        else:
-            raise AssertionError(f'no released name for {key}')  # a bug in the pairs
-    return names
-
-
-def load_released(net, state_dict):
-    """Load a state dict saved by the released code (bare model.state_dict(), its
-    module names) into net, a project model built with the same config; in place.
-
-    Raises ValueError naming the first missing or unknown key, or a key whose
-    shape differs from the model's. Returns net.
-    """
-    names = released_names(net)
-    missing = [theirs for theirs in names.values() if theirs not in state_dict]
-    if missing:
-        raise ValueError(f'released state dict lacks {missing[0]!r} ({len(missing)} '
-                         f'missing) that {type(net).__name__} needs: built with another config?')
-    wanted, unbuilt = set(names.values()), _unbuilt_prefixes(net)
-    unknown = [k for k in state_dict if k not in wanted and not k.startswith(unbuilt)]
-    if unknown:
-        raise ValueError(f'released state dict has unknown key {unknown[0]!r} ({len(unknown)} '
-                         f'unknown) for {type(net).__name__}: built with another config?')
-    own = net.state_dict()
-    mapped = {}
-    for ours, theirs in names.items():
-        value = state_dict[theirs].detach()
-        if value.shape != own[ours].shape:
-            raise ValueError(f'released {theirs!r} has shape {tuple(value.shape)}, '
-                             f'{type(net).__name__} expects {tuple(own[ours].shape)}')
-        mapped[ours] = value
-    net.load_state_dict(mapped)
-    return net
+    check_choice('base_type', cfg['base_type'], (0,))
+    return ModelProbe(keep=keep, num_classes=cfg['num_classes'], **_pick(cfg, VQVAE_KEYS),
+                      **_pick(cfg, MASK_KEYS))
 
 
 def count_parameters(model):
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-PAPER_CONFIG = {
-    'dataset': 'CREMA-D', 'mode': 'multimodal', 'base_type': 0, 'num_hiddens': 128,
-    'num_residual_hiddens': 32, 'num_residual_layers': 2, 'embedding_dim': 64,
-    'num_embeddings': 512, 'commitment_cost': 0.25, 'decay': 0.99,
-    'mask_init': '1s', 'mask_scale': 1e-2, 'threshold_fn': 'binarizer',
-    'threshold': None, 'num_classes': 6,
-}
-
-
-def parity_counts():
-    """Trainable parameter counts of the paper-size variants (see tests)."""
-    variants = {'Model decay=0': {'decay': 0.0}, 'Model decay=0.99': {},
-                'Model image-only decay=0': {'decay': 0.0, 'mode': 'image-only'},
-                'Model audio-only decay=0': {'decay': 0.0, 'mode': 'audio-only'},
-                'base_type 1': {'base_type': 1},
-                'base_type 2 decay=0': {'base_type': 2, 'decay': 0.0},
-                'base_type 3': {'base_type': 3}, 'base_type 4': {'base_type': 4}}
-    return {name: count_parameters(build_model({**PAPER_CONFIG, **change}))
-            for name, change in variants.items()}
-
-
-if __name__ == '__main__':
-    if {'-h', '--help'} & set(sys.argv[1:]):
-        print('python model.py: trainable parameters of each model at the paper widths, the '
-              'counts compared with the released code in README.md (parity)')
-        sys.exit(0)
-    for name, count in parity_counts().items():
-        print(f'{name:26s} {count:,}')

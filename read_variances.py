@@ -1,24 +1,34 @@
-"""Training-set variances of a split config, used to normalise the reconstruction losses."""
+"""Training-set variances of a split config, used to normalise the reconstruction losses.
+
+    python3 read_variances.py --data_path=data_cremad      # prints both variances
+
+The split builders write train_image_var.pkl (the variance of the training clips'
+face-crop pixels in [0, 1]) and train_audio_var.pkl (of their log-mel values).
+recon_loss='mse/var' divides each reconstruction term by its variance; the
+released loss ('mse') reads them but leaves the division out.
+"""
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-from errors import BadValueError, MissingError
+from cmvq import pickles
+from cmvq.configurator import configure
+from cmvq.errors import BadValueError, MissingError, run_script
 
+# ----------------------------------------------------------------------------- config
+data_path = 'data_cremad'       # split config folder (read_cremad.py) or feature folder
+layer = None                    # feature folders (RML_feat): the audio layer, 1-based
+# -----------------------------------------------------------------------------
 FILES = ('train_image_var.pkl', 'train_audio_var.pkl')
 
 
 def read_variances(data_path, layer=None):
     """data_path (a split config folder) -> (image_var, audio_var) as floats.
 
-    image_var: variance of the training clips' face-crop pixels in [0, 1];
-    audio_var: variance of their log-mel values. Written by read_cremad.py. A
-    feature folder (make_features.py) holds one audio variance per layer: ``layer``
-    (1-based) picks one.
-    A value that is not a finite number > 0 (it divides the reconstruction loss)
-    raises BadValueError naming the file.
+    A feature folder (prepare/make_features.py) holds one audio variance per layer:
+    ``layer`` (1-based) picks one. A value that is not a finite number > 0 (it
+    divides the reconstruction loss) raises BadValueError naming the file.
     """
     values = []
     for name in FILES:
@@ -26,11 +36,7 @@ def read_variances(data_path, layer=None):
         if not path.is_file():
             raise MissingError(f'{path} does not exist: build the split config with '
                                f'read_cremad.py --data_path={data_path}')
-        with open(path, 'rb') as f:
-            try:
-                value = pickle.load(f)
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
-                raise BadValueError(f'{path} cannot be read as a pickle: {e}') from None
+        value = pickles.read(path)
         if isinstance(value, (list, tuple)):  # per layer
             if layer is None or not 1 <= layer <= len(value):
                 raise BadValueError(f'{path} holds {len(value)} per-layer variances: give a '
@@ -42,3 +48,20 @@ def read_variances(data_path, layer=None):
                                 f'> 0; rebuild it with read_cremad.py --data_path={data_path}')
         values.append(float(value))
     return tuple(values)
+
+
+def main(argv=None):
+    cfg = configure(globals(), argv, choices={'layer': _layer})
+    image_var, audio_var = read_variances(cfg['data_path'], cfg['layer'])
+    print(f'{cfg["data_path"]}: train image variance {image_var:.6g}, '
+          f'audio variance {audio_var:.6g}')
+    return image_var, audio_var
+
+
+def _layer(v):
+    """None or an int >= 1"""
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+
+if __name__ == '__main__':
+    run_script(main)

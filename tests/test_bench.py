@@ -3,32 +3,34 @@ import json
 
 import pytest
 
-import bench
+from tools import bench
 import model as models
+from cmvq.configurator import ConfigError
+from conftest import PAPER
 
 # Paper layout at toy widths: the inputs keep their real sizes, the convs get cheap.
-TINY_MODEL = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
+TINY_MODEL = {**PAPER, 'num_hiddens': 8, 'num_residual_hiddens': 4,
               'embedding_dim': 8, 'num_embeddings': 16}
 
 
 @pytest.fixture(scope='module')
 def bench_data(twin, tmp_path_factory):
     """Split configs (and the train cache) of the tiny twin."""
-    import read_cremad
+    from cmvq import cremad
     out = tmp_path_factory.mktemp('bench')
-    read_cremad.build_splits(root=twin, data_path=out / 'data', workers=2,
+    cremad.build_splits(root=twin, data_path=out / 'data', workers=2,
                              cache_dir=out / 'cache', progress=False)
     return out / 'data', out / 'cache'
 
 
 def test_reference_trains_the_paper_models_parameters():
-    reference = bench.build_reference(dict(models.PAPER_CONFIG))
+    reference = bench.build_reference(dict(PAPER))
     assert models.count_parameters(reference) == bench.PAPER_PARAMETERS
 
 
 def test_original_path_reads_a_full_length_clip(tmp_path):
     # moviepy's audio reader fails on clips under 1 s, so not on the tiny twin's
-    import synth_cremad
+    from cmvq.twins import cremad as synth_cremad
     root = tmp_path / 'CREMA-D'
     synth_cremad.generate(root=root, num_actors=1, sentences='DFA', duration_scale=1.0,
                           progress=False)
@@ -40,7 +42,7 @@ def test_quick_keeps_explicit_overrides():
     cfg = bench.resolve(['--quick=True', '--batch_size=8'])
     assert cfg['batch_size'] == 8 and cfg['train_steps'] == bench.QUICK['train_steps']
     assert bench.resolve([])['base_types'] == (0, 1, 2, 3, 4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match='base_types=.5,. is not allowed'):
         bench.resolve(['--base_types=(5,)'])
 
 

@@ -1,11 +1,10 @@
 """--key=value and config-file overrides of header constants."""
-import re
 import runpy
 import sys
 
 import pytest
 
-from configurator import ConfigError, configure
+from cmvq.configurator import ConfigError, configure
 from conftest import REPO
 
 DEFAULTS = {'mode': 'multimodal', 'num_epoch': 50, 'learning_rate': 1e-3, 'shuffle': True,
@@ -27,11 +26,22 @@ def test_overrides_are_parsed_and_typed():
     assert cfg['shuffle'] is False and cfg['threshold'] == 0.01
 
 
-def test_a_listed_choice_of_another_type_than_the_default_is_accepted():
+def test_a_key_with_choices_is_checked_by_them_alone():
     defaults, choices = {'channels_last': 'auto'}, {'channels_last': ('auto', True, False)}
     assert configure(defaults, ['--channels_last=True'], choices)['channels_last'] is True
-    with pytest.raises(ConfigError, match='has type int'):
+    with pytest.raises(ConfigError, match="channels_last=1 is not allowed; allowed: 'auto', "
+                                          'True, False'):
         configure(defaults, ['--channels_last=1'], choices)
+
+
+@pytest.mark.parametrize('arg, value', [('--subjects=s3', ('s3',)),
+                                        ('--subjects=s3,s4', ('s3', 's4')),
+                                        ("--subjects=('s3', 's4')", ('s3', 's4')),
+                                        ('--sizes=0.8,0.1,0.1', (0.8, 0.1, 0.1)),
+                                        ('--sizes=5', (5,))])
+def test_tuple_settings_take_plain_comma_lists(arg, value):
+    defaults = {'subjects': ('s7',), 'sizes': (0.8, 0.1, 0.1)}
+    assert configure(defaults, [arg])[arg[2:].split('=')[0]] == value
 
 
 @pytest.mark.parametrize('arg, message', [
@@ -77,34 +87,38 @@ def test_predicate_choices_describe_themselves():
         configure(DEFAULTS, ['--num_epoch=0'], {'num_epoch': positive})
 
 
-# Every entry script with a header: a __main__ block, and a call that resolves the header.
-SCRIPTS = sorted(p.name for p in REPO.glob('*.py') if p.name != 'configurator.py'
-                 and "__name__ == '__main__'" in p.read_text()
-                 and re.search(r'\bconfigure(_or_exit)?\(|\bresolve\(', p.read_text()))
+def _scripts():
+    """Every runnable with a __main__ block: top-level scripts, prepare/ and tools/ modules."""
+    files = [*REPO.glob('*.py'), *REPO.glob('prepare/*.py'), *REPO.glob('tools/*.py')]
+    return sorted(str(p.relative_to(REPO)) for p in files
+                  if "__name__ == '__main__'" in p.read_text())
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', _scripts())
 def test_help_prints_the_settings_with_comments_and_exits_0(script, monkeypatch, capsys):
     flag = '-h' if script < 'n' else '--help'  # both spellings, spread over the scripts
     monkeypatch.setattr(sys, 'argv', [str(REPO / script), flag])
     with pytest.raises(SystemExit) as done:  # in-process: a subprocess per script is slow
-        runpy.run_path(str(REPO / script), run_name='__main__')
+        if '/' in script:
+            runpy.run_module(script[:-3].replace('/', '.'), run_name='__main__')
+        else:
+            runpy.run_path(str(REPO / script), run_name='__main__')
     assert done.value.code in (0, None)
     out = capsys.readouterr().out
-    assert f'usage: python3 {script}' in out
-    commented = [line for line in out.splitlines() if line.startswith('  --')
-                 and len(line.split()) > 1]
-    assert len(commented) >= 3, out
+    settings = [line for line in out.splitlines() if line.startswith('  --')]
+    assert 'usage: python3 ' in out and out.split('\n', 1)[0].strip(), out
+    assert all(len(line.split()) > 1 for line in settings), out  # each with its comment
 
 
 def test_main_help_shows_the_loss_option(capsys):
     import main
     with pytest.raises(SystemExit):
-        main.resolve(main.header(), ['--help'])
+        main.main(['--help'])
     assert "--recon_loss='mse'" in capsys.readouterr().out
 
 
-def test_seed_spelling_of_the_dataset_is_accepted():
+def test_release_spelling_of_the_dataset_is_accepted():
     import main
-    cfg = main.resolve(main.header(), ['--dataset=CREMAD'])
+    from cmvq.config import resolve
+    cfg = resolve(main.header(), ['--dataset=CREMAD'])
     assert cfg['dataset'] == 'CREMA-D'

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import datasets
-import media
-import read_cremad
+from cmvq import media
+from cmvq import cache, cremad
+from cmvq.splits import validate_splits
+from conftest import REPO
 from read_variances import read_variances
 
-FAULTY = set(read_cremad.faulty)
+FAULTY = set(cremad.FAULTY)
 SPLITS = ('train', 'val', 'test')
 
 
@@ -45,9 +47,9 @@ def write_config(folder, split, paths, labels):
 
 def twin_config(twin, folder, names, split='test'):
     """A split config of the twin clips ``names`` in ``folder``."""
-    demographics = read_cremad.read_demographics(twin)
+    demographics = cremad.read_demographics(twin)
     paths = [str(twin / 'VideoFlash' / f'{n}.flv') for n in names]
-    write_config(folder, split, paths, read_cremad.encode_labels(names, demographics))
+    write_config(folder, split, paths, cremad.encode_labels(names, demographics))
     return folder
 
 
@@ -60,23 +62,23 @@ def cache_dir(tmp_path_factory):
 def config(twin, tmp_path_factory, cache_dir):
     """The twin's seed-0 clip split, built once (its train cache is shared by the tests)."""
     out = tmp_path_factory.mktemp('config') / 'data_cremad'
-    read_cremad.build_splits(twin, out, seed=0, cache_dir=cache_dir, workers=2, progress=False)
+    cremad.build_splits(twin, out, seed=0, cache_dir=cache_dir, workers=2, progress=False)
     return out
 
 
 @pytest.fixture(scope='session')
 def full_listing(shared):
     names = list(pd.read_csv(shared / 'crema-d' / 'SentenceFilenames.csv').Filename)
-    return names, read_cremad.read_demographics(shared / 'crema-d')
+    return names, cremad.read_demographics(shared / 'crema-d')
 
 
 # ----------------------------------------------------------------------------- planning
 
 def test_full_listing_gives_published_sizes_minus_faulty(full_listing):
     names, demographics = full_listing
-    kept, _ = read_cremad.plan_splits(names, demographics, seed=0)
+    kept, _ = cremad.plan_splits(names, demographics, seed=0)
     assert [len(kept[s]) for s in SPLITS] == [5954, 744, 744]
-    splits, dropped = read_cremad.plan_splits(names, demographics, seed=0, drop=FAULTY)
+    splits, dropped = cremad.plan_splits(names, demographics, seed=0, drop=FAULTY)
     assert sorted(dropped) == sorted(FAULTY)
     for s in SPLITS:
         assert splits[s] == [n for n in kept[s] if n not in FAULTY]
@@ -86,7 +88,7 @@ def test_full_listing_gives_published_sizes_minus_faulty(full_listing):
 def test_labels_match_names_and_demographics(shared, full_listing):
     names, demographics = full_listing
     table = pd.read_csv(shared / 'crema-d' / 'VideoDemographics.csv').set_index('ActorID')
-    labels = read_cremad.encode_labels(names, demographics)
+    labels = cremad.encode_labels(names, demographics)
     for i, name in enumerate(names):
         assert [x[i] for x in labels] == expected_labels(name, table), name
 
@@ -94,7 +96,7 @@ def test_labels_match_names_and_demographics(shared, full_listing):
 @pytest.mark.parametrize('split_by', ['clip', 'actor'])
 def test_plan_is_seeded(full_listing, split_by):
     names, demographics = full_listing
-    plan = [read_cremad.plan_splits(names, demographics, seed=s, split_by=split_by)[0]
+    plan = [cremad.plan_splits(names, demographics, seed=s, split_by=split_by)[0]
             for s in (0, 0, 1)]
     assert plan[0] == plan[1]
     assert plan[0] != plan[2]
@@ -103,7 +105,7 @@ def test_plan_is_seeded(full_listing, split_by):
 
 def test_actor_split_is_disjoint(full_listing):
     names, demographics = full_listing
-    splits, _ = read_cremad.plan_splits(names, demographics, seed=3, split_by='actor')
+    splits, _ = cremad.plan_splits(names, demographics, seed=3, split_by='actor')
     actors = {s: {n[:4] for n in splits[s]} for s in SPLITS}
     assert not actors['train'] & actors['val']
     assert not actors['train'] & actors['test']
@@ -114,7 +116,7 @@ def test_actor_split_is_disjoint(full_listing):
 def test_stats_match_published_format(shared):
     folder = shared / 'cm-vqvae-split'
     for s in SPLITS:
-        text = read_cremad.format_stats(load(folder, f'{s}_labels.pkl'), s)
+        text = cremad.format_stats(load(folder, f'{s}_labels.pkl'), s)
         assert text == (folder / f'{s}_stats.txt').read_text()
 
 
@@ -122,7 +124,7 @@ def test_stats_match_published_format(shared):
 
 def test_build_splits_writes_aligned_configs(config, twin):
     record = json.loads((config / 'split.json').read_text())
-    names = read_cremad.read_names(twin)
+    names = cremad.read_names(twin)
     total = 0
     for s in SPLITS:
         paths, labels = datasets.load_split(config, s)
@@ -141,8 +143,8 @@ def test_build_splits_writes_aligned_configs(config, twin):
 
 def test_same_seed_same_files_other_seed_differs(config, twin, tmp_path, cache_dir):
     build = dict(cache_dir=cache_dir, workers=2, progress=False)
-    read_cremad.build_splits(twin, tmp_path / 'a', seed=0, **build)
-    read_cremad.build_splits(twin, tmp_path / 'b', seed=1, **build)
+    cremad.build_splits(twin, tmp_path / 'a', seed=0, **build)
+    cremad.build_splits(twin, tmp_path / 'b', seed=1, **build)
     for s in SPLITS:
         for kind in ('videos', 'labels'):
             name = f'{s}_{kind}.pkl'
@@ -153,7 +155,7 @@ def test_same_seed_same_files_other_seed_differs(config, twin, tmp_path, cache_d
 
 
 def test_actor_split_of_twin(twin, tmp_path):
-    record = read_cremad.build_splits(twin, tmp_path / 'a', split_by='actor', cache=False,
+    record = cremad.build_splits(twin, tmp_path / 'a', split_by='actor', cache=False,
                                       workers=1, progress=False)
     actors = [{p.split('/')[-1][:4] for p in load(tmp_path / 'a', f'{s}_videos.pkl')}
               for s in SPLITS]
@@ -163,17 +165,16 @@ def test_actor_split_of_twin(twin, tmp_path):
 
 
 def test_variances_with_and_without_cache_agree(config, twin, tmp_path):
-    paths, _ = datasets.load_split(config, 'train')
-    cached = read_cremad.compute_variances(paths[:6], cache_dir=tmp_path, workers=1,
-                                           progress=False)
-    decoded = read_cremad.compute_variances(paths[:6], cache=False, workers=2, progress=False)
+    paths = {'train': datasets.load_split(config, 'train')[0][:6]}
+    *_, cached = validate_splits(paths, cache_dir=tmp_path, workers=1, progress=False)
+    *_, decoded = validate_splits(paths, cache=False, workers=2, progress=False)
     np.testing.assert_allclose(cached, decoded, rtol=1e-9)
 
 
 def test_refuses_to_overwrite(config, twin):
     before = (config / 'train_videos.pkl').read_bytes()
     with pytest.raises(FileExistsError, match='overwrite'):
-        read_cremad.build_splits(twin, config, seed=5, cache=False, progress=False)
+        cremad.build_splits(twin, config, seed=5, cache=False, progress=False)
     assert (config / 'train_videos.pkl').read_bytes() == before
 
 
@@ -186,7 +187,7 @@ def test_cli_rejects_bad_value():
     import subprocess
     import sys
     run = subprocess.run([sys.executable, 'read_cremad.py', '--split_by=speaker'],
-                         cwd=Path(read_cremad.__file__).parent, capture_output=True, text=True)
+                         cwd=REPO, capture_output=True, text=True)
     assert run.returncode != 0 and "'clip', 'actor'" in run.stderr
 
 
@@ -362,7 +363,7 @@ def test_pyav_and_moviepy_frames_agree_on_twin(twin):
 def full_length_clips(tmp_path_factory):
     """Six CREMA-D-length twin clips (moviepy's audio reader fails on clips under
     ~1 s, like the tiny twin's; CREMA-D's shortest clip is longer)."""
-    import synth_cremad
+    from cmvq.twins import cremad as synth_cremad
     root = tmp_path_factory.mktemp('full') / 'CREMA-D'
     synth_cremad.generate(root=root, num_actors=1, sentences='DFA', seed=1, progress=False)
     return sorted((root / 'VideoFlash').glob('*.flv'))
@@ -434,9 +435,9 @@ def test_corrupt_clip_is_named(twin, tmp_path):
 def test_missing_clip_is_named(twin, tmp_path):
     folder = twin_config(twin, tmp_path / 'config', ['1001_DFA_ANG_XX'])
     missing = str(tmp_path / 'elsewhere' / 'VideoFlash' / '1001_DFA_ANG_XX.flv')
-    for cache in (True, False):
+    for cached in (True, False):
         with pytest.raises(media.MediaError, match=f'1 of 1 clips are missing.*{missing}'):
-            datasets.CREMADDataset(folder, 'test', root=tmp_path / 'elsewhere', cache=cache,
+            datasets.CREMADDataset(folder, 'test', root=tmp_path / 'elsewhere', cache=cached,
                                    cache_dir=tmp_path)
     ds = datasets.CREMADDataset(folder, 'test', cache=False)
     ds.paths[0] = missing  # vanished after the dataset was made: named when read
@@ -449,7 +450,7 @@ def test_missing_clips_are_counted_and_the_first_listed(tmp_path):
     Path(paths[2]).parent.mkdir()
     Path(paths[2]).write_bytes(b'')
     with pytest.raises(media.MediaError) as error:
-        datasets.check_clips_exist(paths, show=3)
+        cache.check_clips_exist(paths, show=3)
     message = str(error.value)
     assert message.startswith('5 of 6 clips are missing (the first 3: ')
     assert all(p in message for p in paths[:2] + paths[3:4])
@@ -459,11 +460,11 @@ def test_missing_clips_are_counted_and_the_first_listed(tmp_path):
 def test_build_splits_drops_missing_and_faulty(twin, tmp_path):
     root = tmp_path / 'CREMA-D'
     shutil.copytree(twin, root)
-    names = read_cremad.read_names(root)
+    names = cremad.read_names(root)
     gone = names[0]
     (root / 'VideoFlash' / f'{gone}.flv').unlink()
     faulty = (names[1],)
-    record = read_cremad.build_splits(root, tmp_path / 'out', faulty=faulty, cache=False,
+    record = cremad.build_splits(root, tmp_path / 'out', faulty=faulty, cache=False,
                                       workers=1, progress=False)
     assert record['dropped'] == {'faulty': [names[1]], 'missing': [gone], 'bad': {}}
     stored = [p for s in SPLITS for p in load(tmp_path / 'out', f'{s}_videos.pkl')]
@@ -475,18 +476,18 @@ def test_fingerprint_changes_with_files_and_params(twin, tmp_path):
     flv = tmp_path / 'a.flv'
     shutil.copy(twin / 'VideoFlash' / '1001_DFA_ANG_XX.flv', flv)
     params = datasets.cache_params()
-    before = datasets.fingerprint([flv], params)
-    assert datasets.fingerprint([flv], params) == before
+    before = cache.fingerprint([flv], params)
+    assert cache.fingerprint([flv], params) == before
     stat = os.stat(flv)
     os.utime(flv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    touched = datasets.fingerprint([flv], params)
+    touched = cache.fingerprint([flv], params)
     assert touched != before
     with open(flv, 'ab') as f:
         f.write(b'\0')
     os.utime(flv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert datasets.fingerprint([flv], params) not in (before, touched)
+    assert cache.fingerprint([flv], params) not in (before, touched)
     for other in (datasets.cache_params(frame_jitter=3), datasets.cache_params(backend='moviepy')):
-        assert datasets.fingerprint([flv], other) != datasets.fingerprint([flv], params)
+        assert cache.fingerprint([flv], other) != cache.fingerprint([flv], params)
 
 
 def test_cache_is_reused_and_rebuilt_when_stale(twin, tmp_path, capsys):

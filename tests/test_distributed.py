@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distributed as dist
-import experiment as ex
+from cmvq import distributed as dist
+from cmvq.config import model_config
+from cmvq.runtime import Runtime
+from cmvq.train import run_epoch
 import main
 import model as models
 from conftest import REPO
@@ -48,20 +50,20 @@ def batches(cfg):
 
 
 def train_two_steps(cfg):
-    """The model after two SGD steps through experiment.run_epoch, and the logged history.
+    """The model after two SGD steps through run_epoch, and the logged history.
 
     Dropout is off: each rank draws its own masks, so with dropout no two runs agree.
     SGD, not Adam: Adam turns float-noise gradients (biases before BatchNorm) into
     full-size steps, so its parameters differ by ~lr however exact the sync is."""
     torch.manual_seed(cfg['seed'])
-    net = models.build_model(ex.model_config(cfg))
+    net = models.build_model(model_config(cfg))
     for m in net.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    runtime = ex.Runtime(cfg)
+    runtime = Runtime(cfg)
     trainer = dist.wrap(net, runtime.device, sync_bn=True)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    result = ex.run_epoch(trainer, batches(cfg), runtime, (1.0, 1.0), cfg, optimizer)
+    result = run_epoch(trainer, batches(cfg), runtime, (1.0, 1.0), cfg, optimizer)
     return {k: v.clone() for k, v in net.state_dict().items()}, result.history
 
 
@@ -96,7 +98,7 @@ def test_two_process_step_equals_one_process_step(tmp_path):
 
 def train_state_at_init():
     torch.manual_seed(CFG['seed'])
-    return models.build_model(ex.model_config(CFG)).state_dict()
+    return models.build_model(model_config(CFG)).state_dict()
 
 
 def torchrun(script, *argv):

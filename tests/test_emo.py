@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-import experiment as ex
-import read_emo
+from cmvq.config import check_config
+from cmvq.loss import class_criterion, class_targets, compute_loss
+from cmvq.twins import emo as synth_emo
+from prepare import read_emo
 
 
 def _tree(root, speakers=3, videos=2, seed=0):
@@ -21,7 +23,7 @@ def _tree(root, speakers=3, videos=2, seed=0):
             frames = np.zeros((count, 32, 32, 3), np.uint8)
             frames[:] = (10 * np.arange(count))[:, None, None, None]
             logits = np.eye(8, dtype=np.float32)[np.arange(count) % 8] * 5
-            read_emo.write_track(root, f'id1000{s}/video{v}/00001', frames,
+            synth_emo.write_track(root, f'id1000{s}/video{v}/00001', frames,
                                  rng.normal(0, 0.1, 8000), logits)
     return root
 
@@ -82,14 +84,14 @@ def test_subsample_keeps_every_ceil_nth_item(emo):
 
 def test_loss_is_mse_to_the_teacher_and_accuracy_uses_argmax():
     logits, teacher = torch.randn(4, 8), torch.randn(4, 8)
-    assert ex.class_criterion('EmoVoxCeleb') is F.mse_loss
-    assert ex.class_criterion('CREMA-D') is F.cross_entropy
-    assert torch.equal(ex.class_targets(teacher, 'EmoVoxCeleb'), teacher.argmax(1))
+    assert class_criterion('EmoVoxCeleb') is F.mse_loss
+    assert class_criterion('CREMA-D') is F.cross_entropy
+    assert torch.equal(class_targets(teacher, 'EmoVoxCeleb'), teacher.argmax(1))
     out = type('Out', (), dict(recon_image=None, recon_audio=None, logits=logits,
                                vq_loss=None))
     model = type('M', (), dict(mask_regularization=lambda self: None))()
-    loss, parts = ex.compute_loss(out, None, None, teacher, (1, 1), model, False, 'mse',
-                                  ex.class_criterion('EmoVoxCeleb'))
+    loss, parts = compute_loss(out, None, None, teacher, (1, 1), model, False, 'mse',
+                                  class_criterion('EmoVoxCeleb'))
     assert torch.allclose(loss, F.mse_loss(logits, teacher))
     assert datasets.CLASS_NAMES['EmoVoxCeleb'][:3] == ('neutral', 'happiness', 'surprise')
     assert datasets.NUM_CLASSES['EmoVoxCeleb'] == 8
@@ -107,7 +109,7 @@ def test_read_emo_refuses_malformed_tracks(tmp_path):
     with pytest.raises(ValueError, match='one row per frame'):
         read_emo.build_splits(root, tmp_path / 'out', progress=False)
     with pytest.raises(ValueError, match='logits'):
-        read_emo.write_track(root, 'x/y/z', np.zeros((3, 8, 8, 3), np.uint8), np.zeros(10),
+        synth_emo.write_track(root, 'x/y/z', np.zeros((3, 8, 8, 3), np.uint8), np.zeros(10),
                              np.zeros((2, 8)))
     with pytest.raises(FileNotFoundError, match='EmoVoxCeleb-layout'):
         read_emo.list_tracks(tmp_path / 'nothing')
@@ -116,10 +118,10 @@ def test_read_emo_refuses_malformed_tracks(tmp_path):
 def test_config_errors():
     cfg = {**_cfg(), 'dataset': 'CREMA-D', 'subsample': 4}
     with pytest.raises(ValueError, match='subsample applies to EmoVoxCeleb only'):
-        ex.check_config(cfg)
+        check_config(cfg)
     with pytest.raises(ValueError, match='data_on_gpu'):
-        ex.check_config({**_cfg(), 'data_on_gpu': True})
-    ex.check_config({**_cfg(), 'subsample': 4})
+        check_config({**_cfg(), 'data_on_gpu': True})
+    check_config({**_cfg(), 'subsample': 4})
 
 
 def _cfg():
@@ -132,7 +134,6 @@ def _cfg():
 @pytest.fixture(scope='module')
 def emo_twin(tmp_path_factory):
     """A tiny synthetic EmoVoxCeleb twin (3 speakers x 2 tracks) and its split folder."""
-    import synth_emo
     base = tmp_path_factory.mktemp('emo_twin')
     synth_emo.generate(base / 'EmoVoxCeleb', num_speakers=3, tracks_per_speaker=2,
                        duration_scale=0.4, workers=1, progress=False)
@@ -141,7 +142,7 @@ def emo_twin(tmp_path_factory):
 
 
 def test_twin_layout_and_teacher(emo_twin):
-    import synth
+    from cmvq.twins import render as synth
     root = emo_twin / 'EmoVoxCeleb'
     rows = synth.read_csv(root / 'ground_truth.csv')
     assert len(rows) == 6 and rows[0]['name'] == 'id10001/video01/00001'

@@ -1,16 +1,20 @@
 """One error style: a user's mistake is one line on stderr, exit status 1, nothing written."""
+import os
 import subprocess
 import sys
 
 import pytest
 
-import errors
+from cmvq import errors
 from conftest import REPO
 
 
 def run_script(cwd, script, *argv):
-    return subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True,
-                          text=True, cwd=cwd)
+    """A top-level script by its path, a prepare/ or tools/ module with -m (from cwd, with
+    the checkout on PYTHONPATH)."""
+    command = [str(REPO / script)] if script.endswith('.py') else ['-m', script]
+    return subprocess.run([sys.executable, *command, *argv], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, 'PYTHONPATH': str(REPO)})
 
 
 def listing(folder):
@@ -36,7 +40,7 @@ def workspace(tmp_path):
     ('main.py', ['--data_path=splits', '--timestamp=20000101-000000'],
      "run 'results/20000101-000000' does not exist; runs main.py can evaluate: none"),
     ('main_separate.py', ['--base_type=1'], 'base_type=1 has no two-stage form'),
-    ('synth_cremad.py', ['--root=twin', '--nuisance=2.0'], 'nuisance=2.0 must be a number'),
+    ('prepare.synth_cremad', ['--root=twin', '--nuisance=2.0'], 'nuisance=2.0 must be a number'),
 ])
 def test_a_user_error_is_one_line_and_writes_nothing(workspace, script, argv, message):
     before = listing(workspace)
@@ -44,7 +48,8 @@ def test_a_user_error_is_one_line_and_writes_nothing(workspace, script, argv, me
     assert proc.returncode == 1
     assert proc.stdout == ''
     assert proc.stderr.count('\n') == 1, proc.stderr             # one line, no traceback
-    assert proc.stderr.startswith(f'{script}: ') and message in proc.stderr
+    name = script if script.endswith('.py') else script.split('.')[-1] + '.py'
+    assert proc.stderr.startswith(f'{name}: ') and message in proc.stderr
     assert listing(workspace) == before
     assert (workspace / 'splits' / 'train_videos.pkl').read_bytes() == b'old'
 

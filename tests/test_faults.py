@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-import atomic
-import read_cremad
+from cmvq import atomic, cache, cremad
 
 
 def write_files(folder, **files):
@@ -88,7 +87,7 @@ def test_temp_folders_of_killed_processes_are_removed(old, capsys):
 
 def test_interrupted_resplit_keeps_the_old_split(twin, tmp_path, monkeypatch):
     out = tmp_path / 'data'
-    read_cremad.build_splits(twin, out, seed=0, cache=False, workers=1, progress=False)
+    cremad.build_splits(twin, out, seed=0, cache=False, workers=1, progress=False)
     before = contents_bytes(out)
 
     def write_then_die(path, *args):  # split.json, the last file
@@ -96,12 +95,12 @@ def test_interrupted_resplit_keeps_the_old_split(twin, tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(atomic, 'write_json', write_then_die)
     with pytest.raises(SystemExit):
-        read_cremad.build_splits(twin, out, seed=1, cache=False, workers=1, progress=False,
+        cremad.build_splits(twin, out, seed=1, cache=False, workers=1, progress=False,
                                  overwrite=True)
     assert contents_bytes(out) == before
     assert siblings(out) == ['data']
     monkeypatch.undo()
-    read_cremad.build_splits(twin, out, seed=1, cache=False, workers=1, progress=False,
+    cremad.build_splits(twin, out, seed=1, cache=False, workers=1, progress=False,
                              overwrite=True)
     assert contents_bytes(out)['train_videos.pkl'] != before['train_videos.pkl']
 
@@ -151,9 +150,9 @@ def damaged(twin, tmp_path_factory):
     import shutil
     root = tmp_path_factory.mktemp('damaged') / 'CREMA-D'
     shutil.copytree(twin, root)
-    names = read_cremad.read_names(root)
-    plan, _ = read_cremad.plan_splits(names, read_cremad.read_demographics(root), seed=0,
-                                      drop=read_cremad.faulty)
+    names = cremad.read_names(root)
+    plan, _ = cremad.plan_splits(names, cremad.read_demographics(root), seed=0,
+                                      drop=cremad.FAULTY)
     victims = {}
     for k, (words, damage) in enumerate(DAMAGE.values()):
         for split in ('train', 'val', 'test'):
@@ -165,7 +164,7 @@ def damaged(twin, tmp_path_factory):
 
 def test_media_errors_name_the_clip_and_the_reason(damaged):
     import datasets
-    import media
+    from cmvq import media
     root, victims = damaged
     for name, words in victims.items():
         path = root / 'VideoFlash' / f'{name}.flv'
@@ -178,7 +177,7 @@ def test_read_cremad_drops_bad_clips_of_every_split(damaged, tmp_path):
     import datasets
     root, victims = damaged
     cache = tmp_path / 'cache'
-    record = read_cremad.build_splits(root, tmp_path / 'data', cache_dir=cache, workers=2,
+    record = cremad.build_splits(root, tmp_path / 'data', cache_dir=cache, workers=2,
                                       progress=False)
     bad = record['dropped']['bad']
     assert sorted(bad) == sorted(victims)
@@ -197,7 +196,7 @@ def test_published_split_with_bad_clips_is_named_before_training(damaged, tmp_pa
     """Split files that keep damaged or missing clips: one error naming how many and
     the first few, before any cache or run folder is made."""
     import datasets
-    import media
+    from cmvq import media
     root, victims = damaged
     names = sorted(victims)[:4] + ['1001_DFA_ANG_XX']
     paths = [str(root / 'VideoFlash' / f'{n}.flv') for n in names]
@@ -302,11 +301,11 @@ def test_a_damaged_array_file_is_rebuilt(clips, tmp_path, capsys):
 def test_a_clip_rewritten_with_same_size_and_mtime_is_seen(clips):
     import datasets
     params = datasets.cache_params()
-    before = datasets.fingerprint(clips, params)
+    before = cache.fingerprint(clips, params)
     stat = os.stat(clips[0])
     data = bytearray(clips[0].read_bytes())
     data[-100] ^= 0xFF                                   # same size, new content
     clips[0].write_bytes(bytes(data))
     os.utime(clips[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(clips[0]).st_size == stat.st_size
-    assert datasets.fingerprint(clips, params) != before
+    assert cache.fingerprint(clips, params) != before

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import datasets
-import make_features
-from errors import BadValueError, ExistsError, MissingError
+from prepare import make_features
+from cmvq.errors import BadValueError, ExistsError, MissingError
 from read_variances import read_variances
 
 TINY = dict(image_model='resnet18', image_weights=None, image_size=32, audio_weights=None,
@@ -21,8 +21,8 @@ TINY = dict(image_model='resnet18', image_weights=None, image_size=32, audio_wei
 @pytest.fixture(scope='module')
 def feat(tmp_path_factory):
     """(read_rml.py split folder, feature folder) of a one-subject RML twin (6 clips)."""
-    import read_rml
-    import synth_rml
+    from prepare import read_rml
+    from cmvq.twins import rml as synth_rml
     base = tmp_path_factory.mktemp('feat')
     synth_rml.generate(base / 'RML', num_subjects=1, clips_per_emotion=1, duration_scale=0.4,
                        workers=1, progress=False)
@@ -91,7 +91,7 @@ def test_extract_refuses_before_work(feat, tmp_path):
 def test_main_trains_and_tests_on_features(feat, tmp_path):
     import main
     import main_separate
-    from configurator import ConfigError
+    from cmvq.configurator import ConfigError
     _, folder = feat
     args = [f'--data_path={folder}', '--dataset=RML_feat', f'--results_dir={tmp_path}',
             '--embedding_dim=8', '--num_embeddings=16', '--batch_size=4', '--num_workers=0']
@@ -100,7 +100,7 @@ def test_main_trains_and_tests_on_features(feat, tmp_path):
     run = next(tmp_path.iterdir())
     assert 'ModelFeat' in (run / 'log.txt').read_text()
     assert (run / 'reconstructions.png').is_file()
-    with pytest.raises(ConfigError, match='layer=9'):
+    with pytest.raises(BadValueError, match='layer=9: .* holds 4 audio layers'):
         main.main([*args, '--layer=9'])
     with pytest.raises(ConfigError, match='two-stage'):
         main_separate.run([*args, '--layer=2'])

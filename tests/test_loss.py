@@ -1,9 +1,13 @@
-"""experiment.compute_loss: the terms it sums, for both recon_loss options."""
+"""compute_loss: the terms it sums, for both recon_loss options."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import experiment as ex
+from cmvq.loaders import make_loader
+
+from cmvq.loss import compute_loss
+
+from cmvq.runtime import Runtime
 import model as models
 
 VARIANCES = (0.02, 400.0)  # image pixels, log-mel dB: far from 1, so a division shows
@@ -34,7 +38,7 @@ def _batch(seed=0):
 def test_compute_loss_sums_the_released_terms(recon_loss, regularization):
     out, image, audio, emotion = _batch()
     mask = torch.full((8, 1, 1), 0.01)
-    loss, parts = ex.compute_loss(out, image, audio, emotion, VARIANCES, _Masked(mask),
+    loss, parts = compute_loss(out, image, audio, emotion, VARIANCES, _Masked(mask),
                                   regularization, recon_loss)
     scale = VARIANCES if recon_loss == 'mse/var' else (1.0, 1.0)
     expected = {
@@ -54,7 +58,7 @@ def test_default_loss_is_plain_mse():
     import main
     assert main.recon_loss == 'mse'
     out, image, audio, emotion = _batch(1)
-    _, parts = ex.compute_loss(out, image, audio, emotion, VARIANCES, _Masked(None), True,
+    _, parts = compute_loss(out, image, audio, emotion, VARIANCES, _Masked(None), True,
                                'mse')
     torch.testing.assert_close(parts['recon_error1'], F.mse_loss(out.recon_image, image))
     assert 'mask_regularization' not in parts  # no mask: nothing to regularize
@@ -63,12 +67,12 @@ def test_default_loss_is_plain_mse():
 def test_missing_outputs_are_skipped_and_bad_option_rejected():
     _, image, audio, emotion = _batch()
     logits = torch.zeros(2, 6)
-    loss, parts = ex.compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
+    loss, parts = compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
                                   VARIANCES, _Masked(None), True, 'mse')
     assert set(parts) == {'class_error'}
     torch.testing.assert_close(loss, torch.log(torch.tensor(6.0)))
-    with pytest.raises(ValueError, match="recon_loss='var'"):
-        ex.compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
+    with pytest.raises(AssertionError, match="recon_loss='var'"):
+        compute_loss(models.ModelOutput(logits=logits), image, audio, emotion,
                         VARIANCES, _Masked(None), True, 'var')
 
 
@@ -90,8 +94,8 @@ class _Items:
 def test_training_loader_keeps_the_last_partial_batch_unless_it_has_one_item(n, sizes):
     import main
     cfg = {**main.header(), 'batch_size': 16, 'num_workers': 0, 'data_on_gpu': False}
-    runtime = ex.Runtime({**cfg, 'device': 'cpu'})
-    loader = ex.make_loader(_Items(n), cfg, runtime, train=True)
+    runtime = Runtime({**cfg, 'device': 'cpu'})
+    loader = make_loader(_Items(n), cfg, runtime, train=True)
     assert [len(b) for b in loader] == sizes
-    evaluation = ex.make_loader(_Items(33), cfg, runtime, train=False)
+    evaluation = make_loader(_Items(33), cfg, runtime, train=False)
     assert [len(b) for b in evaluation] == [16, 16, 1]

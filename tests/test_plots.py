@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import plots
+from cmvq import plots
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import torch
 
 import main
 import model as models
-import probe
-from conftest import REPO
-from errors import UserError
+from tools import probe
+from conftest import PAPER, REPO, tool_args
+from cmvq.errors import UserError
 
-TINY = {**models.PAPER_CONFIG, 'num_hiddens': 8, 'num_residual_hiddens': 4,
+TINY = {**PAPER, 'num_hiddens': 8, 'num_residual_hiddens': 4,
         'embedding_dim': 4, 'num_embeddings': 8}
 PROBE_CFG = {'embedding_dim': 4, 'probe_C': 1.0, 'probe_alpha': 1.0, 'probe_seed': 0,
              'bootstrap': 200}
@@ -84,7 +84,9 @@ def test_mixed_reconstruction_decodes_the_mixed_codes(tiny_probe):
 def test_shared_channels_follow_the_threshold_rule(fn, expected):
     """model.py's rule (attention: binarizer rule on the raw values); the randomizer,
     whose every call draws a new mask, is read with the binarizer rule too."""
-    solver = models.TaskSolver(embedding_dim=4, threshold_fn=fn)
+    solver = models.TaskSolver(embedding_dim=4, num_residual_layers=1, num_residual_hiddens=4,
+                               num_classes=6, mode='multimodal', masked=True, mask_init='1s',
+                               mask_scale=1e-2, threshold_fn=fn, threshold=None)
     solver.set_mask(torch.tensor([-0.5, 0.001, 0.2, 0.005] * 2))
     assert probe.shared_channels(solver).tolist() == expected * 2
 
@@ -215,7 +217,8 @@ def tiny_run(tiny_splits, results):
 
 
 def probe_args(tiny_splits, results, run_dir, *extra):
-    return tiny_splits(results, f'--timestamp={run_dir.name}', '--bootstrap=50', *extra)
+    return tool_args(tiny_splits(results, f'--timestamp={run_dir.name}')) + ['--bootstrap=50',
+                                                                          *extra]
 
 
 def test_probe_of_a_tiny_run_writes_everything_and_is_deterministic(tiny_splits, results,
@@ -269,7 +272,7 @@ def fake_run(results, name, **change):
 
 
 @pytest.mark.parametrize('name, change, message', [
-    ('20000101-000002', {'base_type': 2}, 'base_type 2 (no mask); probe.py needs a masked run'),
+    ('20000101-000002', {'base_type': 2}, 'base_type 2 (no mask); the probe needs a masked run'),
     ('20000101-000004', {'base_type': 4}, 'base_type 4 (no mask)'),
     ('20000101-000000', {}, 'has no checkpoint (it never trained)'),
 ])
@@ -284,17 +287,18 @@ def test_runs_that_cannot_be_probed_exit_with_one_line(tiny_splits, results, nam
 
 def test_missing_or_unknown_timestamp_exits(tiny_splits, results):
     with pytest.raises(UserError, match='needs --timestamp'):
-        probe.run(tiny_splits(results))
+        probe.run(tool_args(tiny_splits(results)))
     with pytest.raises(UserError, match='20990101-000000.* does not exist'):
-        probe.run(tiny_splits(results, '--timestamp=20990101-000000'))
+        probe.run(tool_args(tiny_splits(results, '--timestamp=20990101-000000')))
     with pytest.raises(UserError, match='probe_epochs=-1'):
-        probe.run(tiny_splits(results, '--timestamp=20990101-000000', '--probe_epochs=-1'))
+        probe.run(tool_args(tiny_splits(results, '--timestamp=20990101-000000'))
+                  + ['--probe_epochs=-1'])
 
 
 def test_the_script_prints_a_user_error_as_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / 'probe.py'),
+    proc = subprocess.run([sys.executable, '-m', 'tools.probe',
                            f'--results_dir={tmp_path / "results"}'],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f'probe.py: needs --timestamp=<a run folder of {tmp_path / "results"}/>']

@@ -1,4 +1,4 @@
-"""Checkpoints of the released CM-VQVAE code: model.load_released reproduces the
+"""Checkpoints of the released CM-VQVAE code: cmvq.released.load_released reproduces the
 released outputs, and convert_released.py turns a released run folder into one
 that main.py --timestamp evaluates."""
 import json
@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-import convert_released
+from tools import convert_released
 import model as M
-from conftest import SHARED
+from cmvq.released import load_released
+from conftest import PAPER, SHARED
 
 ORIG = SHARED / 'cm-vqvae-orig'
 FIXTURES = ('model_ema', 'model_plain', 'baseline2')
@@ -28,7 +29,7 @@ def released(name):
 @pytest.mark.parametrize('name', FIXTURES)
 def test_released_checkpoints_reproduce_the_released_outputs(name):
     net, state, io = released(name)
-    M.load_released(net, state)
+    load_released(net, state)
     with torch.no_grad():
         out = net.eval()(io['image'], io['audio'])
     for key in OUTPUTS:
@@ -43,7 +44,7 @@ def test_released_checkpoints_reproduce_the_released_outputs(name):
 
 def test_released_ema_state_lands_in_the_buffers():
     net, state, _ = released('model_ema')
-    M.load_released(net, state)
+    load_released(net, state)
     vq = net.backbone.quantizers['audio']
     assert torch.equal(vq.ema_w, state['_vq_vae_audio._ema_w'])
     assert torch.equal(vq.codebook, state['_vq_vae_audio._embedding.weight'])
@@ -53,14 +54,14 @@ def test_released_ema_state_lands_in_the_buffers():
 def test_missing_unknown_and_misshaped_keys_are_named():
     net, state, _ = released('model_plain')
     with pytest.raises(ValueError, match="lacks '_classifier.private_shared_mask'"):
-        M.load_released(net, {k: v for k, v in state.items() if 'private_shared' not in k})
+        load_released(net, {k: v for k, v in state.items() if 'private_shared' not in k})
     with pytest.raises(ValueError, match="unknown key '_extra.weight'"):
-        M.load_released(net, {**state, '_extra.weight': torch.zeros(1)})
-    wide = M.build_model({**M.PAPER_CONFIG, 'num_residual_layers': 1, 'num_embeddings': 64,
+        load_released(net, {**state, '_extra.weight': torch.zeros(1)})
+    wide = M.build_model({**PAPER, 'num_residual_layers': 1, 'num_embeddings': 64,
                           'num_residual_hiddens': 16, 'decay': 0.0})
     with pytest.raises(ValueError, match=r"'_vq_vae_image._embedding.weight' has shape "
                                          r"\(32, 64\), Model expects \(64, 64\)"):
-        M.load_released(wide, state)
+        load_released(wide, state)
 
 
 def test_unused_released_modules_of_base_type_1_are_skipped():
@@ -68,7 +69,7 @@ def test_unused_released_modules_of_base_type_1_are_skipped():
     _, state, _ = released('baseline2')
     info = json.loads((ORIG / 'index.json').read_text())['baseline2']
     net = M.build_model({**info['config'], 'base_type': 1, 'num_classes': 6})
-    M.load_released(net, state)
+    load_released(net, state)
     assert torch.equal(net.backbone.pre_vq['audio'].weight, state['_pre_vq_conv_audio.weight'])
 
 
@@ -87,9 +88,9 @@ def released_log(config, drop=()):
 @pytest.fixture(scope='module')
 def released_run(twin, tmp_path_factory):
     """A released run folder (model_ema's weights) and split configs of the tiny twin."""
-    import read_cremad
+    from cmvq import cremad
     path = tmp_path_factory.mktemp('released')
-    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2, cache=False,
+    cremad.build_splits(twin, path / 'data', seed=0, workers=2, cache=False,
                              progress=False)
     src = path / 'orig' / '20230315-015820'
     src.mkdir(parents=True)
@@ -118,7 +119,7 @@ def test_a_converted_released_run_evaluates_deterministically(released_run):
 
 
 def test_conversion_checks_before_writing(released_run, tmp_path):
-    from errors import BadValueError, ExistsError
+    from cmvq.errors import BadValueError, ExistsError
     path, src, info = released_run
     old = tmp_path / '20230101-000000'
     old.mkdir()

@@ -12,18 +12,20 @@ import pytest
 import torch
 
 import datasets
-import experiment as ex
+from cmvq.config import model_config
+from cmvq.runs import save_json
 import main
+from cmvq.experiment import resolve_run
 import main_separate
-import media
+from cmvq import media
 import model as models
-import read_rml
-import synth
-import synth_rml
-import transfer
-from configurator import ConfigError
+from prepare import read_rml
+from cmvq.twins import render as synth
+from cmvq.twins import rml as synth_rml
+from cmvq import transfer
+from cmvq.configurator import ConfigError
 from conftest import REPO, TINY_RML
-from errors import UserError
+from cmvq.errors import UserError
 from read_variances import read_variances
 
 
@@ -162,7 +164,7 @@ def test_builder_refuses_and_names_bad_input(rml_data, rml_twin, tmp_path):
     bad = tmp_path / 'RML' / 's1'
     bad.mkdir(parents=True)
     (bad / 'ha1.avi').write_bytes(b'not a video')
-    result = subprocess.run([sys.executable, 'read_rml.py', f'--root={bad.parent}',
+    result = subprocess.run([sys.executable, '-m', 'prepare.read_rml', f'--root={bad.parent}',
                              f'--data_path={tmp_path / "out"}', '--workers=1',
                              f'--cache_dir={tmp_path / "cache"}', '--progress=False'],
                             cwd=REPO, capture_output=True, text=True)
@@ -259,14 +261,14 @@ TINY_WIDTHS = dict(num_hiddens=16, num_residual_hiddens=4, embedding_dim=8, num_
 def save_source(results, timestamp='20260101-000000', **overrides):
     """A saved CREMA-D run (config.json + model.pt of perturbed weights); its state."""
     cfg = {**main.header(), **TINY_WIDTHS, 'results_dir': str(results), **overrides}
-    net = models.build_model(ex.model_config(cfg))
+    net = models.build_model(model_config(cfg))
     torch.manual_seed(1)
     # scaled by 1.05..1.15: unlike a fresh model's, yet variances stay positive
     state = {k: v * (1.05 + 0.1 * torch.rand_like(v)) if v.is_floating_point() else v
              for k, v in net.state_dict().items()}
     run_dir = results / timestamp
     run_dir.mkdir(parents=True)
-    ex.save_json(run_dir / 'config.json', cfg)
+    save_json(run_dir / 'config.json', cfg)
     torch.save({'model': state, 'epoch': 1}, run_dir / 'model.pt')
     return state
 
@@ -281,7 +283,7 @@ def test_transfer_copies_the_vqvae_modules(tmp_path, reset):
     source = save_source(tmp_path)
     cfg = transfer.resolve(rml_cfg(tmp_path, reset_mask=reset))
     assert cfg['audio_geometry'] == 'CREMA-D'
-    net = models.build_model(ex.model_config(cfg))
+    net = models.build_model(model_config(cfg))
     fresh = {k: v.clone() for k, v in net.state_dict().items()}
     lines = []
     result = transfer.apply([net], cfg, lines.append)
@@ -302,8 +304,8 @@ def test_transfer_copies_the_vqvae_modules(tmp_path, reset):
 def test_two_stage_transfer_takes_vae_and_solver(tmp_path):
     source = save_source(tmp_path)
     cfg = transfer.resolve(rml_cfg(tmp_path))
-    vqvae, solver = models.build_vqvae(ex.model_config(cfg)), models.build_solver(
-        ex.model_config(cfg))
+    vqvae, solver = models.build_vqvae(model_config(cfg)), models.build_solver(
+        model_config(cfg))
     transfer.apply([vqvae, solver], cfg, lambda line: None)
     assert torch.equal(vqvae.state_dict()['encoders.image.0.weight'],
                        source['backbone.encoders.image.0.weight'])
@@ -331,7 +333,7 @@ def test_transfer_errors(tmp_path, source, here, words):
     (['--dataset=RML', '--twin_actors=2'], 'twin_actors')])
 def test_config_errors(argv, words):
     with pytest.raises(ConfigError, match=words):
-        main.resolve(main.header(), argv)
+        resolve_run(main.header(), argv)
 
 
 # ----------------------------------------------------------------------------- runs

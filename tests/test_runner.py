@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import errors
+import cmvq.train
 import main
 import main_separate
-import read_cremad
+from cmvq import cremad, errors, two_stage
+from cmvq.experiment import resolve_run
+from cmvq.loaders import DeviceLoader, make_datasets, make_loader
+from cmvq.runs import Log
+from cmvq.runtime import Runtime
+from cmvq.train import NonFiniteLoss
 from conftest import REPO
 
 # Tiny widths: the tests check behaviour, not accuracy.
@@ -31,7 +36,7 @@ EXTRA_FILES = ['config.json', 'environment.json', 'metrics.json', 'history.json'
 def workdir(twin, tmp_path_factory):
     """Split configs of the tiny twin and a cache, shared by this module's runs."""
     path = tmp_path_factory.mktemp('runner')
-    read_cremad.build_splits(twin, path / 'data', seed=0, workers=2,
+    cremad.build_splits(twin, path / 'data', seed=0, workers=2,
                              cache_dir=path / 'cache', progress=False)
     return path
 
@@ -190,31 +195,29 @@ def test_runs_that_never_trained_are_not_offered(run, workdir):
 
 
 def test_two_stage_epochs_follow_num_epoch_unless_set():
-    cfg = main_separate.resolve([str(REPO / 'configs' / 'demo.py')])
+    cfg = two_stage.resolve(main_separate.header(), [str(REPO / 'configs' / 'demo.py')])
     assert cfg['num_epoch'] == 12 and cfg['num_epoch_vae'] == cfg['num_epoch_solver'] == 12
-    cfg = main_separate.resolve([str(REPO / 'configs' / 'demo.py'), '--num_epoch_vae=3'])
+    cfg = two_stage.resolve(main_separate.header(), [str(REPO / 'configs' / 'demo.py'),
+                                                     '--num_epoch_vae=3'])
     assert (cfg['num_epoch_vae'], cfg['num_epoch_solver']) == (3, 12)
-    assert main_separate.resolve([])['num_epoch_solver'] == main.num_epoch
+    assert two_stage.resolve(main_separate.header(), [])['num_epoch_solver'] == main.num_epoch
 
 
 def test_device_loader_matches_the_dataset(workdir):
     """The device-resident loader (CUDA's data_on_gpu path, run here on the CPU)
     yields the DataLoader's evaluation batches exactly, and training frames
     from the +-jitter window."""
-    import torch
-
-    import experiment as ex
-    cfg = main.resolve(main.header(), args(workdir))
-    val = ex.make_datasets(cfg, splits=('val',))['val']
-    runtime = ex.Runtime(cfg)
-    reference = next(iter(ex.make_loader(val, cfg, runtime, train=False)))
-    loader = ex.DeviceLoader(val, batch_size=cfg['batch_size'], train=False,
+    cfg = resolve_run(main.header(), args(workdir))
+    val = make_datasets(cfg, splits=('val',))['val']
+    runtime = Runtime(cfg)
+    reference = next(iter(make_loader(val, cfg, runtime, train=False)))
+    loader = DeviceLoader(val, batch_size=cfg['batch_size'], train=False,
                              sampler=range(len(val)), drop_last=False, device='cpu', seed=0)
     batch = next(iter(loader))
     assert len(loader) == 1 and len(batch) == len(reference) == 6
     for mine, theirs in zip(batch, reference, strict=True):
         assert torch.equal(mine, theirs)
-    train = ex.DeviceLoader(val, batch_size=4, train=True, drop_last=True, device='cpu',
+    train = DeviceLoader(val, batch_size=4, train=True, drop_last=True, device='cpu',
                             sampler=torch.randperm(len(val)).tolist(), seed=0)
     frames = torch.from_numpy(np.array(val.arrays()["frames"]))    # (N, W, 128, 128, 3)
     for image, *_ in train:
@@ -299,7 +302,8 @@ PREFLIGHT = {
     'clip in two splits': (move_clip_to_test, '1 clips are in both train and test'),
     'vanished clip': (vanish_clip, '1 of 52 clips are missing'),
     'truncated clip': (truncate_clip, '1 of 66 clips cannot be used: .*truncated'),
-    'results_dir=None': ('--results_dir=None', 'results_dir=None must be a folder path'),
+    'results_dir=None': ('--results_dir=None', 'results_dir=None is not allowed; allowed: a '
+                                               'folder path'),
     'cache_dir under a file': ('--cache_dir=CONFIG/train_videos.pkl/cache', 'is a file'),
     'read-only results_dir': ('READONLY', 'is not writable'),
     'no space for the cache': ('NOSPACE', 'not enough free space for the decode-once cache'),
@@ -336,14 +340,13 @@ def test_preflight_exit_status_and_one_line(workdir, tmp_path):
                            '--results_dir=None'], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        'main.py: results_dir=None must be a folder path (a non-empty str)']
+        'main.py: results_dir=None is not allowed; allowed: a folder path (a non-empty str)']
 
 
 def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeypatch):
     """The first NaN batch stops the run with the epoch, batch and loss terms; the log
     keeps everything up to it; no metrics."""
-    import experiment as ex
-    compute, calls = ex.compute_loss, []
+    compute, calls = cmvq.train.compute_loss, []
 
     def poisoned(*a, **k):
         loss, parts = compute(*a, **k)
@@ -352,8 +355,8 @@ def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeyp
             parts['recon_error1'] = parts['recon_error1'] * float('nan')
             loss = sum(parts.values())
         return loss, parts
-    monkeypatch.setattr(ex, 'compute_loss', poisoned)
-    with pytest.raises(ex.NonFiniteLoss, match=r'in epoch 1 train, batch 3 \(.*recon_error1 nan'):
+    monkeypatch.setattr(cmvq.train, 'compute_loss', poisoned)
+    with pytest.raises(NonFiniteLoss, match=r'in epoch 1 train, batch 3 \(.*recon_error1 nan'):
         main.main(args(workdir, '--num_epoch=1', f'--results_dir={tmp_path / "results"}'))
     run_dir = next((tmp_path / 'results').iterdir())
     assert not (run_dir / 'metrics.json').exists()
@@ -391,7 +394,7 @@ def test_reevaluation_refuses_a_changed_test_split(run, workdir, tmp_path):
 
 
 def test_eval_files_never_collide(tmp_path):
-    import atomic
+    from cmvq import atomic
     names = [atomic.write_new(tmp_path / 'eval-1.json', str(k)) for k in range(3)]
     assert [p.name for p in names] == ['eval-1.json', 'eval-1-2.json', 'eval-1-3.json']
     assert [p.read_text() for p in names] == ['0', '1', '2']
@@ -399,8 +402,7 @@ def test_eval_files_never_collide(tmp_path):
 
 
 def _write_log(path, tag, count):
-    import experiment as ex
-    log = ex.Log(path)
+    log = Log(path)
     for k in range(count):
         log(f'{tag} {k} first line\n{tag} {k} second line')
     log.close()

@@ -1,12 +1,14 @@
-"""experiment.Runtime: the compile fallback and the per-device amp / channels_last rule."""
+"""Runtime: the compile fallback and the per-device amp / channels_last rule."""
 import torch
 from torch import nn
 
-import experiment as ex
+from cmvq.config import check_distributed
+
+from cmvq.runtime import Runtime
 
 
 def runtime(**cfg):
-    return ex.Runtime({'device': 'cpu', 'amp': 'auto', 'channels_last': 'auto', **cfg})
+    return Runtime({'device': 'cpu', 'amp': 'auto', 'channels_last': 'auto', **cfg})
 
 
 def test_compile_falls_back_with_one_line_where_the_platform_cannot_compile(monkeypatch):
@@ -33,14 +35,14 @@ def test_compile_off_never_probes(monkeypatch):
 def test_torchrun_settings_are_checked_before_any_work():
     import pytest
 
-    import distributed as dist
+    from cmvq import distributed as dist
     three = dist.Context(rank=0, world_size=3, local_rank=0)
-    ex.check_distributed({'batch_size': 30, 'device': 'auto'}, three)
+    check_distributed({'batch_size': 30, 'device': 'auto'}, three)
     with pytest.raises(ValueError, match='batch_size=32 is the global batch and must divide'):
-        ex.check_distributed({'batch_size': 32, 'device': 'auto'}, three)
+        check_distributed({'batch_size': 32, 'device': 'auto'}, three)
     with pytest.raises(ValueError, match="device='cuda:1': under torchrun"):
-        ex.check_distributed({'batch_size': 30, 'device': 'cuda:1'}, three)
-    ex.check_distributed({'batch_size': 32, 'device': 'cuda:1'}, dist.context())  # 1 process
+        check_distributed({'batch_size': 30, 'device': 'cuda:1'}, three)
+    check_distributed({'batch_size': 32, 'device': 'cuda:1'}, dist.context())  # 1 process
 
 
 def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):

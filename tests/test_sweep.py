@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-import sweep
-from configurator import ConfigError
+from tools import sweep
+from cmvq.configurator import ConfigError
 
 
 def test_paired_statistics_match_a_hand_computed_case():

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-import media
-import synth_cremad
+from cmvq import media
+from cmvq.twins import cremad as synth_cremad
 from conftest import REPO, TINY
 
 SHORT = dict(duration_scale=0.2, progress=False)
@@ -210,8 +210,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, message):
 
 
 def test_script_reports_bad_arguments_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, 'synth_cremad.py', f'--root={tmp_path / "x"}',
-                             '--nuisance=2.0'], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-m', 'prepare.synth_cremad',
+                             f'--root={tmp_path / "x"}', '--nuisance=2.0'],
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().count('\n') == 0 and 'nuisance' in result.stderr
 

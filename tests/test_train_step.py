@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import model as M
-from experiment import compute_loss
+from cmvq.released import load_released, released_names
+from cmvq.loss import compute_loss
 
 STEPS = ('model_ema', 'model_plain', 'baseline2', 'model_threshold')
 
@@ -41,8 +42,8 @@ def test_one_training_step_matches_the_released_code(name, index, shared):
     step = torch.load(shared / 'cm-vqvae-orig' / info['file'], map_location='cpu',
                       weights_only=True)
     net = M.build_model({**info['config'], 'num_classes': 6})
-    M.load_released(net, step['state_before'])
-    released = M.released_names(net)  # project key -> released key
+    load_released(net, step['state_before'])
+    released = released_names(net)  # project key -> released key
     net.train()
     torch.manual_seed(step['forward_seed'])  # the two dropout draws of the TaskSolver
     out = net(step['image'], step['audio'])

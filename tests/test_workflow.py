@@ -6,10 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
+import cmvq.train
 import datasets
-import groups
 import main
-from errors import UserError
+from cmvq import groups
+from cmvq.errors import UserError
+from conftest import tool_args
 
 
 @pytest.fixture(scope='module')
@@ -57,12 +59,12 @@ def test_human_rates_of_real_clip_names(shared, tmp_path):
 
 
 def test_robustness_is_deterministic_and_complete(trained, monkeypatch):
-    import robustness
+    from cmvq import robustness
     run_dir, argv = trained
     monkeypatch.setattr(robustness, 'IMAGE_NOISE', (0.2,))
     monkeypatch.setattr(robustness, 'IMAGE_BLUR', (2.0,))
     monkeypatch.setattr(robustness, 'AUDIO_SNR_DB', (0,))
-    first = robustness.run([*argv, f'--timestamp={run_dir.name}'])
+    first = main.main([*argv, f'--timestamp={run_dir.name}', '--robustness=True'])
     results = first['results']
     assert [(r['modality'], r['corruption']) for r in results] == [
         ('none', 'clean'), ('image', 'removed (zeros)'), ('image', 'removed (train mean)'),
@@ -77,7 +79,7 @@ def test_robustness_is_deterministic_and_complete(trained, monkeypatch):
 
 
 def test_corruptions_are_seeded_per_clip(trained):
-    import robustness
+    from cmvq import robustness
     run_dir, _ = trained
     cfg = json.loads((run_dir / 'config.json').read_text())
     test = datasets.CREMADDataset(cfg['data_path'], 'test', cache=False)
@@ -95,7 +97,7 @@ def test_corruptions_are_seeded_per_clip(trained):
 
 
 def test_predict_good_and_bad_clips(trained, tmp_path, capsys):
-    import predict
+    from tools import predict
     run_dir, argv = trained
     cfg = json.loads((run_dir / 'config.json').read_text())
     test = datasets.CREMADDataset(cfg['data_path'], 'test', cache=False)
@@ -105,7 +107,8 @@ def test_predict_good_and_bad_clips(trained, tmp_path, capsys):
         shutil.copy(p, folder)
     (folder / 'broken.mp4').write_bytes(b'not a video')
     (folder / 'notes.txt').write_text('not a clip')  # not a clip extension: ignored
-    out = predict.run([*argv, f'--timestamp={run_dir.name}', str(folder), *test.paths[2:]])
+    out = predict.run([*tool_args(argv), f'--timestamp={run_dir.name}', str(folder),
+                       *test.paths[2:]])
     result = json.loads(out.read_text())
     assert [s['clip'] for s in result['skipped']] == [str(folder / 'broken.mp4')]
     assert 'broken.mp4' in capsys.readouterr().err
@@ -123,30 +126,29 @@ def test_predict_good_and_bad_clips(trained, tmp_path, capsys):
 
 
 def test_predict_with_no_readable_clip_fails(trained, tmp_path):
-    import predict
+    from tools import predict
     run_dir, argv = trained
     (tmp_path / 'bad.flv').write_bytes(b'')
     with pytest.raises(UserError, match='no clip could be read'):
-        predict.run([*argv, f'--timestamp={run_dir.name}', str(tmp_path / 'bad.flv')])
+        predict.run([*tool_args(argv), f'--timestamp={run_dir.name}', str(tmp_path / 'bad.flv')])
 
 
 def test_resumed_run_equals_the_uninterrupted_one(trained, tmp_path, monkeypatch):
     import torch
 
-    import experiment as ex
     run_dir, argv = trained
     # TensorBoard on (a machine setting): it must not change the result either
     argv = [*argv, f'--results_dir={tmp_path}', '--tensorboard=True']
-    save_state = ex.save_state
+    save_state = cmvq.train.save_state
 
     def killed_after_epoch_1(path, model, optimizer, loaders, epoch, *rest):
         save_state(path, model, optimizer, loaders, epoch, *rest)
         if epoch == 1:
             raise KeyboardInterrupt('killed after epoch 1')
-    monkeypatch.setattr(ex, 'save_state', killed_after_epoch_1)
+    monkeypatch.setattr(cmvq.train, 'save_state', killed_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         main.main([*argv, '--num_epoch=2'])
-    monkeypatch.setattr(ex, 'save_state', save_state)
+    monkeypatch.setattr(cmvq.train, 'save_state', save_state)
     (killed,) = tmp_path.iterdir()
     assert (killed / 'last.pt').is_file() and not (killed / 'metrics.json').exists()
     test = main.main([*argv, f'--resume={killed.name}'])

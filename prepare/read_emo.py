@@ -1,6 +1,6 @@
 """Build EmoVoxCeleb split files: an EmoVoxCeleb-layout folder -> data_path/.
 
-    python read_emo.py [--root=DIR] [--data_path=DIR] [--seed=0] [--split_by=speaker] ...
+    python3 -m prepare.read_emo [--root=DIR] [--data_path=DIR] [--seed=0] [--split_by=speaker] ...
 
 The input layout (one face track per key ``SPEAKER/VIDEO/TRACK``, VoxCeleb1's
 ``id10001/1zcIwhmdeo4/00001``):
@@ -32,14 +32,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-import atomic
 import datasets
-import errors
-import media
-from errors import BadValueError, ExistsError, MissingError
-from read_cremad import RunningVariance, split_counts
+from cmvq import atomic, media
+from cmvq.configurator import configure
+from cmvq.errors import BadValueError, ExistsError, MissingError, run_script
+from cmvq.progress import progress_bar
+from cmvq.splits import SPLITS, RunningVariance, split_counts
 
 # ----------------------------------------------------------------------------- config
 root = 'synth_emo/EmoVoxCeleb'  # EmoVoxCeleb-layout folder (frames/, wav/, logits/); the twin
@@ -48,39 +47,9 @@ seed = 0                        # split seed
 split_by = 'track'              # 'track' (random) or 'speaker' (disjoint speakers)
 split_sizes = (8, 1, 1)         # train, val, test proportions
 overwrite = False               # True: replace the files of an existing data_path
-progress = True                 # progress bars
+progress = True                 # progress bars (plain lines when output is redirected)
 # -----------------------------------------------------------------------------
 CHOICES = {'split_by': ('track', 'speaker')}
-SPLITS = ('train', 'val', 'test')
-
-
-# ----------------------------------------------------------------------------- layout
-
-def track_paths(root, key):
-    """(frame folder, WAV, logits file) of track ``key`` under ``root``."""
-    root = Path(root)
-    return root / 'frames' / key, root / 'wav' / f'{key}.wav', root / 'logits' / f'{key}.npy'
-
-
-def write_track(root, key, frames, audio, logits, quality=90):
-    """Write one track in the layout above (each file atomically).
-
-    frames: (T, H, W, 3) uint8 RGB face crops; audio: (N,) float in [-1, 1] at
-    16 kHz; logits: (T, 8) teacher logits, FER+ order.
-    """
-    from PIL import Image
-    folder, wav, npy = track_paths(root, key)
-    logits = np.asarray(logits, np.float32)
-    if logits.shape != (len(frames), len(datasets.FERPLUS)):
-        raise BadValueError(f'{key}: logits {logits.shape} for {len(frames)} frames; expected '
-                         f'({len(frames)}, {len(datasets.FERPLUS)})')
-    for path in (folder, wav.parent, npy.parent):
-        path.mkdir(parents=True, exist_ok=True)
-    for k, frame in enumerate(frames):
-        atomic.write(folder / datasets.frame_name(k),
-                     lambda p, f=frame: Image.fromarray(f).save(p, 'JPEG', quality=quality))
-    atomic.write(wav, lambda p: media.write_wav(p, audio, datasets.EMO_RATE))
-    atomic.write(npy, lambda p: np.save(p, logits))
 
 
 def list_tracks(root):
@@ -99,7 +68,7 @@ def list_tracks(root):
 def check_track(root, key):
     """(frame folder, number of frames, WAV, logits (T, 8)) of a well-formed track;
     BadValueError or MediaError naming the file of a malformed one."""
-    folder, wav, npy = track_paths(root, key)
+    folder, wav, npy = datasets.track_paths(root, key)
     names = sorted(p.name for p in folder.glob('*.jpg')) if folder.is_dir() else []
     if not names:
         raise BadValueError(f'{folder}: no face frames (000001.jpg, ...)')
@@ -155,8 +124,8 @@ def format_stats(tracks, split):
 def compute_variances(tracks, progress=True):
     """(image_var, audio_var) over the centre frames in [0, 1] and the 256x256 log-mels."""
     image, audio = RunningVariance(), RunningVariance()
-    for folder, count, wav, _ in tqdm(tracks, desc='variances', unit='track',
-                                      disable=not progress):
+    for folder, count, wav, _ in progress_bar(tracks, desc='variances', unit='track',
+                                              enabled=progress):
         face = media.read_jpeg(Path(folder) / datasets.frame_name(media.centre_index(count)),
                                media.IMAGE_SIZE)
         image.update(face / 255)
@@ -179,8 +148,8 @@ def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
                               'pass overwrite=True (--overwrite=True) to replace its files')
     root = os.path.normpath(root)
     keys = list_tracks(root)
-    tracks = {k: check_track(root, k) for k in tqdm(keys, desc='check tracks', unit='track',
-                                                     disable=not progress)}
+    tracks = {k: check_track(root, k) for k in progress_bar(keys, desc='check tracks',
+                                                             unit='track', enabled=progress)}
     splits = plan_splits(keys, seed=seed, split_by=split_by, sizes=sizes)
     image_var, audio_var = compute_variances([tracks[k] for k in splits['train']], progress)
     record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
@@ -203,9 +172,8 @@ def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
     return record
 
 
-def main():
-    from configurator import configure_or_exit
-    cfg = configure_or_exit(globals(), choices=CHOICES)
+def main(argv=None):
+    cfg = configure(globals(), argv, choices=CHOICES)
     record = build_splits(cfg['root'], cfg['data_path'], seed=cfg['seed'],
                           split_by=cfg['split_by'], sizes=tuple(cfg['split_sizes']),
                           overwrite=cfg['overwrite'], progress=cfg['progress'])
@@ -216,4 +184,4 @@ def main():
 
 
 if __name__ == '__main__':
-    errors.run_script(main)
+    run_script(main)

@@ -1,7 +1,6 @@
 """Robustness of a saved run to a missing or corrupted modality.
 
-    python robustness.py --timestamp=20261121-101500     # or:
-    python main.py --timestamp=20261121-101500 --robustness=True
+    python3 main.py --timestamp=20261121-101500 --robustness=True
 
 Tests the run's best checkpoint on its test split, clean and under each condition:
   image removed: all zeros, or the training split's mean face crop
@@ -15,7 +14,6 @@ the result is the same on every call. Writes robustness.json (accuracy and macro
 per condition) and robustness.png (accuracy against strength per modality) into the
 run folder and appends the table to its log. main.py's machine settings apply.
 """
-import sys
 import zlib
 
 import numpy as np
@@ -24,11 +22,12 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
 import datasets
-import experiment as ex
-import main
-from configurator import ConfigError
-from errors import run_script
-from read_variances import read_variances
+from cmvq import plots
+from cmvq.configurator import ConfigError
+from cmvq.loaders import make_datasets, make_loader, train_variances
+from cmvq.runs import load_model, logged, save_json
+from cmvq.runtime import Runtime, seed_everything
+from cmvq.train import evaluate
 
 IMAGE_NOISE = (0.05, 0.1, 0.2, 0.4)   # sd of additive Gaussian pixel noise, pixels in [0, 1]
 IMAGE_BLUR = (1.0, 2.0, 4.0)          # sd in pixels of the Gaussian blur (128x128 crops)
@@ -103,9 +102,9 @@ def _replace(modality, image, audio, fill):
 def train_means(cfg, runtime):
     """The training split's mean face crop (3, 128, 128) and log-mel (1, 256, 256),
     over centre frames (the evaluation's frames)."""
-    data = ex.make_datasets({**cfg, 'data_on_gpu': False}, splits=('train',))['train']
+    data = make_datasets({**cfg, 'data_on_gpu': False}, splits=('train',))['train']
     data.train = False  # centre frames
-    loader = ex.make_loader(data, {**cfg, 'data_on_gpu': False}, runtime, train=False)
+    loader = make_loader(data, {**cfg, 'data_on_gpu': False}, runtime, train=False)
     sums, n = None, 0
     for image, audio, *_ in loader:
         batch = (image.double().sum(0), audio.double().sum(0))
@@ -114,26 +113,25 @@ def train_means(cfg, runtime):
     return {'image': (sums[0] / n).float(), 'audio': (sums[1] / n).float()}
 
 
-@main.logged
+@logged
 def evaluate_robustness(cfg, run_dir, log):
     """Test the saved model under every condition; write robustness.json/.png."""
-    import plots
     if cfg['dataset'] != 'CREMA-D':
         raise ConfigError(f"robustness evaluation is for CREMA-D runs; this run was trained "
                           f"on {cfg['dataset']!r}")
     cfg = {**cfg, 'data_on_gpu': False}  # corrupted items go through a DataLoader
-    ex.seed_everything(cfg['seed'])
-    runtime = ex.Runtime(cfg)
-    test = ex.make_datasets(cfg, splits=('test',))['test']
-    net, epoch = main.load_model(cfg, run_dir, runtime)
-    variances = read_variances(cfg['data_path'])
+    seed_everything(cfg['seed'])
+    runtime = Runtime(cfg)
+    test = make_datasets(cfg, splits=('test',))['test']
+    net, epoch = load_model(cfg, run_dir, runtime)
+    variances = train_variances(cfg)
     means = train_means(cfg, runtime)
     log(f'Robustness of the checkpoint of epoch {epoch} on {len(test)} test clips')
     results = []
     for condition in conditions():
-        loader = ex.make_loader(Corrupted(test, condition, cfg['seed'], means), cfg, runtime,
+        loader = make_loader(Corrupted(test, condition, cfg['seed'], means), cfg, runtime,
                                 train=False)
-        metrics = ex.evaluate(net, loader, runtime, variances, cfg,
+        metrics = evaluate(net, loader, runtime, variances, cfg,
                               desc=' '.join(map(str, condition)))
         modality, corruption, level = condition
         results.append({'modality': modality, 'corruption': corruption, 'level': level,
@@ -142,20 +140,7 @@ def evaluate_robustness(cfg, run_dir, log):
             f'accuracy {100 * metrics["accuracy"]:.2f}%, '
             f'macro-F1 {100 * metrics["macro_f1"]:.2f}%')
     out = {'epoch': epoch, 'num_samples': len(test), 'seed': cfg['seed'], 'results': results}
-    ex.save_json(run_dir / 'robustness.json', out)
+    save_json(run_dir / 'robustness.json', out)
     plots.plot_robustness(run_dir / 'robustness.png', results)
     log(f'Wrote {run_dir / "robustness.json"} and robustness.png')
     return out
-
-
-def run(argv=None):
-    """python robustness.py --timestamp=<run> [main.py machine settings]"""
-    argv = sys.argv[1:] if argv is None else argv
-    if {'-h', '--help'} & set(argv):
-        print(__doc__)
-        return None
-    return main.main([*argv, '--robustness=True'])
-
-
-if __name__ == '__main__':
-    run_script(run)

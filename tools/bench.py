@@ -1,8 +1,8 @@
 """Throughput benchmark: data loading, training step and epoch time, side by side.
 
-    python bench.py                  # the header below (about 3 min on a 2-core CPU)
-    python bench.py --quick=True     # small sizes: under a minute on a 2-core CPU
-    python bench.py --full=True      # also epochs on a full-size (7,442-clip) twin
+    python3 -m tools.bench                 # the header below (about 3 min on a 2-core CPU)
+    python3 -m tools.bench --quick=True    # small sizes: under a minute on a 2-core CPU
+    python3 -m tools.bench --full=True     # also epochs on a full-size (7,442-clip) twin
 
 Sections (each a table in results.md):
 1. Per-clip cost (ms): the original's path (moviepy decode of the whole FLV, centre
@@ -11,16 +11,16 @@ Sections (each a table in results.md):
    thread, as in DataLoader workers). Methods are interleaved clip by clip, in a
    rotating order, so load on the machine hits all of them alike; speed-up =
    original median / method median.
-2. Loader throughput (items/s) of experiment.make_loader: raw (decode per item) vs
+2. Loader throughput (items/s) of cmvq.loaders.make_loader: raw (decode per item) vs
    cached, per worker count, plus the device-resident DeviceLoader (data_on_gpu)
-   when experiment.py has it. Timed from the first batch on (worker start-up is
+   when the loaders have it. Timed from the first batch on (worker start-up is
    excluded: it is paid once per run with persistent workers).
 3. Training step (samples/s, peak memory) of base_type 0-4 at the paper's widths
-   (model.PAPER_CONFIG) on a random batch already on the device, through
-   experiment.run_epoch: the real step (Runtime.to_device, autocast, compute_loss,
+   (main.py's header) on a random batch already on the device, through
+   cmvq.train.run_epoch: the real step (Runtime.to_device, autocast, compute_loss,
    backward, Adam), in fp32. For cpu_grid_base_types also bf16 autocast x
    channels_last off/on on the CPU (in the same alternating rounds), which is what
-   experiment.Runtime's amp='auto' / channels_last='auto' rule for the CPU rests on.
+   cmvq.runtime.Runtime's amp='auto' / channels_last='auto' rule for the CPU rests on.
    On CUDA fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on
    for compile_base_types.
    Reference: on CPU the project's step is compared with `ReferenceModel`, a
@@ -43,7 +43,7 @@ Sections (each a table in results.md):
    after resetting it through /proc/self/clear_refs (Linux); where that fails, the
    growth of ru_maxrss, which shows only a new high-water mark. results.json says
    which was used.
-4. (full=True) Epoch time of main-style training (experiment.fit, main.py's header
+4. (full=True) Epoch time of main-style training (cmvq.train.fit, main.py's header
    with the overrides below) on a full-size twin rendered like ../shared/crema-d,
    once its cache exists; on CUDA also the GPU utilisation sampled with nvidia-smi.
 
@@ -70,13 +70,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import atomic
 import datasets
-import experiment as ex
-import media
+import main
 import model as models
-from configurator import configure_or_exit, read_config_file
-from errors import run_script
+from cmvq import atomic, media
+from cmvq.config import model_config
+from cmvq.configurator import configure, read_config_file
+from cmvq.cremad import prepare_twin
+from cmvq.errors import run_script
+from cmvq.loaders import make_loader, make_loaders, train_variances
+from cmvq.runs import Log, new_run_dir, save_json, versions
+from cmvq.runtime import Runtime, seed_everything
+from cmvq.train import fit, run_epoch
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
@@ -116,10 +121,10 @@ QUICK = {'decode_clips': 3, 'decode_rounds': 2, 'loader_items': 64, 'loader_work
          'loader_batch_size': 16, 'batch_size': 4, 'cuda_batch_size': 32,
          'base_types': (0, 1), 'warmup_steps': 1, 'train_steps': 1, 'compile_base_types': (),
          'cpu_grid_base_types': ()}
-SHARED_CREMAD = Path(__file__).resolve().parent.parent / 'shared' / 'crema-d'
+SHARED_CREMAD = Path(__file__).resolve().parents[2] / 'shared' / 'crema-d'
 VARIANCES = (1.0, 1.0)  # the loss's scale does not change the step's cost
 STEP_CONFIG = {'dataset': 'CREMA-D', 'regularization': True, 'recon_loss': 'mse'}  # run_epoch's
-PAPER_PARAMETERS = 1_935_306  # model.build_model(PAPER_CONFIG), decay 0.99
+PAPER_PARAMETERS = 1_935_306  # model.build_model of main.py's header (decay 0.99)
 
 
 def _positive_int(v):
@@ -157,7 +162,7 @@ CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': _non_negative_
 
 def resolve(argv):
     """Header constants with overrides; quick=True shrinks the keys not set explicitly."""
-    cfg = configure_or_exit(globals(), argv, CHOICES)
+    cfg = configure(globals(), argv, CHOICES)
     if cfg['quick']:
         given = set()
         for arg in argv:
@@ -195,7 +200,7 @@ def cpu_model():
 def machine():
     """Facts that decide the numbers: CPU, cores, threads, library versions, GPU."""
     info = {'cpu': cpu_model(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-            **ex.versions()}
+            **versions()}
     info['cuda_device'] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return info
 
@@ -207,13 +212,12 @@ def warm_up_librosa():
 
 # ----------------------------------------------------------------------------- the bench twin
 
-def prepare_twin(cfg):
+def prepare_bench_twin(cfg):
     """The bench twin (full-length clips: moviepy's audio reader fails on clips under
     1 s) and its split configs with the train cache, made if missing."""
-    import read_cremad
-    read_cremad.prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
-                             workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
-                             num_actors=cfg['twin_actors'], duration_scale=1.0)
+    prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
+                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+                 num_actors=cfg['twin_actors'], duration_scale=1.0)
 
 
 def bench_dataset(data_path, cache_dir, *, cache, train, split='train'):
@@ -298,7 +302,7 @@ def measure_decode(data_path, cache_dir, *, clips, rounds, original=True):
 # ----------------------------------------------------------------------------- 2. loaders
 
 def loader_config(batch_size, workers, seed, data_on_gpu=False):
-    """The keys experiment.make_loader reads."""
+    """The keys cmvq.loaders.make_loader reads."""
     return {'batch_size': batch_size, 'num_workers': workers, 'shuffle': True, 'seed': seed,
             'data_on_gpu': data_on_gpu}
 
@@ -322,29 +326,28 @@ def items_per_second(loader, items, device):
 
 def measure_loaders(data_path, cache_dir, *, workers, items, batch_size, runtime, seed):
     """Rows of items/s: raw (PyAV decode per item) and cached DataLoaders per worker
-    count, then the DeviceLoader (on runtime.device) if experiment.py has one."""
+    count, then the DeviceLoader (on runtime.device)."""
     warm_up_librosa()  # before forking workers, as build_cache does
     rows = []
     for cache in (False, True):
         dataset = bench_dataset(data_path, cache_dir, cache=cache, train=True)
         for w in workers:
-            loader = ex.make_loader(dataset, loader_config(batch_size, w, seed), runtime,
-                                    train=True)
+            loader = make_loader(dataset, loader_config(batch_size, w, seed), runtime,
+                                 train=True)
             rows.append({'loader': 'cached' if cache else 'raw (PyAV decode)', 'workers': w,
                          **items_per_second(loader, items, runtime.device)})
             del loader  # stops its persistent workers before the next measurement
             gc.collect()
-    if hasattr(ex, 'DeviceLoader'):
-        rows.append(measure_device_loader(data_path, cache_dir, items=items,
-                                          batch_size=batch_size, runtime=runtime, seed=seed))
+    rows.append(measure_device_loader(data_path, cache_dir, items=items,
+                                      batch_size=batch_size, runtime=runtime, seed=seed))
     return rows
 
 
 def measure_device_loader(data_path, cache_dir, *, items, batch_size, runtime, seed):
     dataset = bench_dataset(data_path, cache_dir, cache=True, train=True)
     start = time.perf_counter()
-    loader = ex.make_loader(dataset, loader_config(batch_size, 0, seed, data_on_gpu=True),
-                            runtime, train=True)
+    loader = make_loader(dataset, loader_config(batch_size, 0, seed, data_on_gpu=True),
+                         runtime, train=True)
     sync(runtime.device)
     setup = time.perf_counter() - start
     return {'loader': f'DeviceLoader ({runtime.device})', 'workers': 0,
@@ -532,7 +535,7 @@ def _reset_peak_rss():
 
 class StepTimer:
     """One model ready to train: optimizer, batch, warm-up done; time(steps) runs the
-    real training step (experiment.run_epoch) and returns (seconds, memory)."""
+    real training step (cmvq.train.run_epoch) and returns (seconds, memory)."""
 
     def __init__(self, net, runtime, *, batch_size, warmup, seed, compile=False):
         self.net = runtime.prepare(net)
@@ -547,7 +550,7 @@ class StepTimer:
             self._run(warmup)
 
     def _run(self, steps):
-        ex.run_epoch(self.step_net, [self.batch] * steps, self.runtime, VARIANCES,
+        run_epoch(self.step_net, [self.batch] * steps, self.runtime, VARIANCES,
                      STEP_CONFIG, self.optimizer)
 
     def time(self, steps):
@@ -573,7 +576,7 @@ def train_row(label, base_type, runtime, batch_size, seconds, steps, memory, **e
 
 
 def cpu_runtime(amp='off', channels_last=False):
-    return ex.Runtime({'device': 'cpu', 'amp': amp, 'channels_last': channels_last})
+    return Runtime({'device': 'cpu', 'amp': amp, 'channels_last': channels_last})
 
 
 def cpu_variants(base_types, grid_base_types):
@@ -626,7 +629,7 @@ def measure_train_cuda(model_cfg, *, base_types, compile_base_types, batch_size,
     rows = []
     for b in base_types:
         for amp, channels_last, compiled in cuda_variants(b, compile_base_types):
-            runtime = ex.Runtime({'device': 'cuda', 'amp': amp, 'channels_last': channels_last})
+            runtime = Runtime({'device': 'cuda', 'amp': amp, 'channels_last': channels_last})
             torch.manual_seed(seed)
             net = models.build_model({**model_cfg, 'base_type': b})
             start = time.perf_counter()
@@ -677,15 +680,13 @@ class GpuUtilization:
 
 def prepare_full(cfg):
     """The full-size twin (like ../shared/crema-d) and its split configs and cache."""
-    import read_cremad
-    read_cremad.prepare_twin(cfg['full_root'], cfg['full_data_path'], seed=cfg['seed'],
-                             workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
-                             like=str(SHARED_CREMAD))
+    prepare_twin(cfg['full_root'], cfg['full_data_path'], seed=cfg['seed'],
+                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+                 like=str(SHARED_CREMAD))
 
 
 def main_config(cfg, data_on_gpu):
     """main.py's header with the bench's data, sizes and loader."""
-    import main
     return {**main.header(), 'data_path': cfg['full_data_path'], 'cache_dir': cfg['cache_dir'],
             'num_epoch': cfg['full_epochs'], 'batch_size': cfg['full_batch_size'],
             'num_workers': cfg['full_workers'], 'seed': cfg['seed'], 'cache': True,
@@ -693,21 +694,19 @@ def main_config(cfg, data_on_gpu):
 
 
 def measure_full(cfg, run_dir):
-    """Epoch seconds of experiment.fit per loader kind (DataLoader; DeviceLoader on CUDA)."""
-    from read_variances import read_variances
+    """Epoch seconds of cmvq.train.fit per loader kind (DataLoader; DeviceLoader on CUDA)."""
     prepare_full(cfg)
-    kinds = [False] + ([True] if torch.cuda.is_available() and hasattr(ex, 'DeviceLoader')
-                       else [])
+    kinds = [False] + ([True] if torch.cuda.is_available() else [])
     rows = []
     for data_on_gpu in kinds:
         mcfg = main_config(cfg, data_on_gpu)
-        ex.seed_everything(mcfg['seed'])
-        runtime = ex.Runtime(mcfg)
-        loaders = ex.make_loaders(mcfg, runtime, splits=('train', 'val'))
-        net = runtime.prepare(models.build_model(ex.model_config(mcfg)))
-        log = ex.Log(run_dir / 'full_log.txt')
+        seed_everything(mcfg['seed'])
+        runtime = Runtime(mcfg)
+        loaders = make_loaders(mcfg, runtime, splits=('train', 'val'))
+        net = runtime.prepare(models.build_model(model_config(mcfg)))
+        log = Log(run_dir / 'full_log.txt')
         with GpuUtilization() as gpu:
-            history = ex.fit(net, loaders, runtime, read_variances(mcfg['data_path']), mcfg,
+            history = fit(net, loaders, runtime, train_variances(mcfg), mcfg,
                              log, run_dir / 'full_model.pt')
         log.close()
         rows.append({'loader': 'DeviceLoader' if data_on_gpu else
@@ -760,7 +759,7 @@ def table(rows, columns):
 
 def markdown(results):
     m = results['machine']
-    lines = [f'# bench.py, {results["started"]}', '',
+    lines = [f'# tools/bench.py, {results["started"]}', '',
              f'`{" ".join(results["argv"])}`; CPU {m["cpu"]} ({m["cores"]} cores, '
              f'{m["torch_threads"]} torch threads), torch {m["torch"]}, '
              f'GPU {m["cuda_device"] or "none"}']
@@ -803,7 +802,7 @@ def comparison_notes(results):
 def write_results(run_dir, results):
     """results.json and results.md in run_dir; returns the markdown."""
     results['notes'] = comparison_notes(results)
-    ex.save_json(Path(run_dir) / 'results.json', results)
+    save_json(Path(run_dir) / 'results.json', results)
     text = markdown(results)
     atomic.write_bytes(Path(run_dir) / 'results.md', text)
     return text
@@ -813,17 +812,17 @@ def write_results(run_dir, results):
 
 def run_sections(cfg, results, save, run_dir):
     """Fill results section by section, saving after each (a crash keeps the rest)."""
-    prepare_twin(cfg)
+    prepare_bench_twin(cfg)
     results['decode'] = measure_decode(cfg['data_path'], cfg['cache_dir'],
                                        clips=cfg['decode_clips'], rounds=cfg['decode_rounds'])
     save()
-    runtime = ex.Runtime({'device': 'auto', 'amp': 'auto', 'channels_last': 'auto'})
+    runtime = Runtime({'device': 'auto', 'amp': 'auto', 'channels_last': 'auto'})
     results['loaders'] = measure_loaders(
         cfg['data_path'], cfg['cache_dir'], workers=cfg['loader_workers'],
         items=cfg['loader_items'], batch_size=cfg['loader_batch_size'], runtime=runtime,
         seed=cfg['seed'])
     save()
-    model_cfg = dict(models.PAPER_CONFIG)
+    model_cfg = model_config(main.header())
     results['train'] = measure_train_cpu(
         model_cfg, base_types=cfg['base_types'], reference=cfg['reference'],
         batch_size=cfg['batch_size'], warmup=cfg['warmup_steps'], steps=cfg['train_steps'],
@@ -841,12 +840,12 @@ def run_sections(cfg, results, save, run_dir):
         save()
 
 
-def main(argv=None):
+def run(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = resolve(argv)
     if cfg['num_threads']:
         torch.set_num_threads(cfg['num_threads'])
-    run_dir = ex.new_run_dir(cfg['out_dir'])
+    run_dir = new_run_dir(cfg['out_dir'])
     results = {'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
                'config': cfg, 'machine': machine()}
     start = time.time()
@@ -862,4 +861,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_script(main)
+    run_script(run)

@@ -1,6 +1,6 @@
 """The synthetic twins' shared renderer and build machinery (one renderer, several layouts).
 
-A twin script (``synth_cremad.py``, ``synth_rml.py``) decides the dataset's layout:
+A twin layout (cmvq/twins/cremad.py, rml.py, emo.py) decides the dataset's layout:
 its names, emotion prototypes, identities and containers. This module renders
 what every layout needs and builds the tree safely:
 
@@ -36,7 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.signal import lfilter
 
-import errors
+from cmvq import errors
+from cmvq.progress import progress_bar
 
 FACE_CUES = ('brow_raise', 'brow_slant', 'eye_open', 'mouth_curve', 'mouth_width')
 FACE_JITTER = (0.25, 0.25, 0.25, 0.25, 0.25)
@@ -385,8 +386,7 @@ def check_common(seed, workers, nuisance, duration_scale):
 def run_jobs(render, jobs, workers, progress, desc):
     """render(job) for every job, in ``workers`` processes, in chunks, with a progress
     bar. render must be a module-level function (it is pickled into the workers)."""
-    from tqdm import tqdm
-    bar = tqdm(total=len(jobs), unit='clip', disable=not progress or not jobs, desc=desc)
+    bar = progress_bar(total=len(jobs), unit='clip', enabled=progress and bool(jobs), desc=desc)
     chunks = [(render, jobs[i:i + 4]) for i in range(0, len(jobs), 4)]
     start = time.time()
     if workers <= 1 or len(chunks) <= 1:

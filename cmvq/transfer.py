@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 import datasets
-import experiment as ex
-from errors import BadValueError, MissingError
+from cmvq.errors import BadValueError, MissingError
+from cmvq.runs import CHECKPOINTS, trained_by
 
 VQVAE_PARTS = ('encoders', 'pre_vq', 'quantizers', 'decoders')
 WIDTH_KEYS = ('num_hiddens', 'num_residual_hiddens', 'num_residual_layers', 'embedding_dim',
               'num_embeddings')
-CHECKPOINTS = [f for files in ex.CHECKPOINTS.values() for f in files]  # of either script
+SOURCE_FILES = [f for files in CHECKPOINTS.values() for f in files]  # of either script
 
 
 def source_config(cfg):
@@ -32,8 +32,8 @@ def source_config(cfg):
     main.py or main_separate.py; MissingError listing the trained runs otherwise."""
     results = Path(cfg['results_dir'])
     run_dir = results / cfg['pretrained_timestamp']
-    if ex.trained_by(run_dir) is None:
-        runs = sorted(p.name for p in results.glob('*') if ex.trained_by(p))
+    if trained_by(run_dir) is None:
+        runs = sorted(p.name for p in results.glob('*') if trained_by(p))
         raise MissingError(f'pretrained_timestamp={cfg["pretrained_timestamp"]!r}: '
                            f'{run_dir} is not a trained run; trained runs in {results}: '
                            f'{", ".join(runs) or "none"}')
@@ -43,7 +43,7 @@ def source_config(cfg):
 def resolve(cfg):
     """cfg with audio_geometry set (the source's when pretrained, else 'RML' for RML);
     BadValueError naming the mismatch when the source cannot be transferred."""
-    if cfg['dataset'] not in ex.RML_DATASETS:
+    if cfg['dataset'] not in datasets.RML_DATASETS:
         return cfg
     if not cfg['pretrained']:
         return {**cfg, 'audio_geometry': cfg.get('audio_geometry') or 'RML'}
@@ -67,11 +67,8 @@ def resolve(cfg):
 
 
 def _key(name):
-    """State-dict key -> the name shared by every model class ('backbone.'/'vqvae.' off)."""
-    for prefix in ('backbone.', 'vqvae.'):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+    """State-dict key -> the name shared by every model class ('backbone.' off)."""
+    return name.removeprefix('backbone.')
 
 
 def _module(key):
@@ -85,9 +82,9 @@ def _module(key):
 def source_state(run_dir):
     """The source run's tensors by shared key, from every checkpoint it holds."""
     state = {}
-    for name in CHECKPOINTS:
+    for name in SOURCE_FILES:
         if (run_dir / name).is_file():
-            checkpoint = torch.load(run_dir / name, map_location='cpu')
+            checkpoint = torch.load(run_dir / name, map_location='cpu', weights_only=True)
             state.update({_key(k): v for k, v in checkpoint['model'].items()})
     return state
 

@@ -1,9 +1,9 @@
 """Run a grid of main.py settings over seeds and tabulate it with paired statistics.
 
-    python sweep.py configs/demo.py --base_type=0,1,2,3 --seed=0,1,2
-    python sweep.py configs/demo.py configs/ablation.py   # a list in a file is a grid axis
-    python sweep.py --summarize=sweeps/20261121-101500     # rebuild the tables of a sweep
-    python sweep.py --summarize=20261121-101500,20261121-102233   # or of these runs
+    python3 -m tools.sweep configs/demo.py --base_type=0,1,2,3 --seed=0,1,2
+    python3 -m tools.sweep configs/demo.py my_grid.py   # a list in a config file is an axis
+    python3 -m tools.sweep --summarize=sweeps/20261121-101500   # rebuild a sweep's tables
+    python3 -m tools.sweep --summarize=20261121-101500,20261121-102233   # or of these runs
 
 Every `--key=value` other than the sweep's own constants below is a main.py
 constant; `--key=v1,v2,...` (or a list in a config file) makes it a grid axis. Each
@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from scipy import stats
 
-import atomic
-import configurator
-import experiment as ex
 import main
-from errors import UserError, run_script
+from cmvq import atomic, configurator, plots
+from cmvq.config import RUNTIME_KEYS
+from cmvq.errors import UserError, run_script
+from cmvq.experiment import resolve_run
+from cmvq.runs import new_run_dir
 
 # ------------------------------------------------------------------------------------------
 # config: the sweep's own constants; any other --key is a main.py constant (see above)
@@ -105,7 +106,7 @@ def resolve_all(combos):
     cfgs = []
     for combo in combos:
         try:
-            cfg = main.resolve(main.header(), run_argv(combo))
+            cfg = resolve_run(main.header(), run_argv(combo))
         except configurator.ConfigError as e:
             raise configurator.ConfigError(f'{e} (in combination {combo})') from None
         if cfg['timestamp']:
@@ -118,7 +119,7 @@ def resolve_all(combos):
 
 def comparable(cfg):
     """The settings that define a run's result (machine settings and message aside)."""
-    keys = set(cfg) - set(main._RUNTIME_KEYS)
+    keys = set(cfg) - set(RUNTIME_KEYS)
     return json.loads(json.dumps({k: cfg[k] for k in sorted(keys)}))
 
 
@@ -146,7 +147,7 @@ def run_in_process(combo, device=None):
 
 def run_subprocess(combo, device=None):
     extra = [f'--device={device!r}'] if device else []
-    subprocess.run([sys.executable, str(Path(__file__).with_name('main.py')),
+    subprocess.run([sys.executable, str(Path(main.__file__)),
                     *run_argv(combo), *extra], check=True)
 
 
@@ -337,7 +338,6 @@ def _csv(fields, rows):
 
 def write_tables(out_dir, run_dirs):
     """runs.csv, table.md, table.csv and sweep.png of these finished runs in out_dir."""
-    import plots
     rows = [run_row(Path(p)) for p in run_dirs]
     keys, settings, comparisons = summarize_rows(rows)
     out_dir = Path(out_dir)
@@ -371,17 +371,16 @@ def runs_to_summarize(spec, results_dir):
 def main_sweep(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     defaults = {'summarize': summarize, 'sweep_dir': sweep_dir, 'jobs': jobs}
-    if {'-h', '--help'} & set(argv):  # the sweep's own settings, then main.py's
-        configurator.configure({**defaults, **main.header()}, ['--help'])
+    configurator.answer_help(defaults, argv)  # main.py --help lists the keys of the grid
     own, axes = split_argv(argv, defaults)
     opts = configurator.configure(defaults, own, _sweep_choices())
     if opts['summarize']:
-        results_dir = axes.get('results_dir', [main.results_dir])[0]
+        results_dir = axes.get('results_dir', [main.header()['results_dir']])[0]
         runs = runs_to_summarize(opts['summarize'], results_dir)
     else:
         combos = combinations(axes)
         cfgs = resolve_all(combos)
-    out_dir = ex.new_run_dir(opts['sweep_dir'])
+    out_dir = new_run_dir(opts['sweep_dir'])
     if not opts['summarize']:
         failures = run_grid(combos, cfgs, opts['jobs'])
         runs = [r for r in (find_run(cfg, finished_runs(cfg['results_dir'])) for cfg in cfgs)

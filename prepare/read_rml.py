@@ -1,13 +1,13 @@
 """Build RML split configs: an RML folder -> data_rml/ or data_rml_by_user/.
 
-    python read_rml.py --root=/path/to/RML                      # random by clip: data_rml/
-    python read_rml.py --root=/path/to/RML --split_by=user      # subjects held out
-    python read_rml.py                                          # the twin of synth_rml.py
+    python3 -m prepare.read_rml --root=/path/to/RML                  # by clip: data_rml/
+    python3 -m prepare.read_rml --root=/path/to/RML --split_by=user  # subjects held out
+    python3 -m prepare.read_rml                         # the twin of prepare/synth_rml.py
 
 The clips are every ``*.avi`` under root, whose first folder is the subject
 (``s1`` .. ``s8``, language subfolders allowed) and whose name starts with the
 emotion code (ha, sa, an, fe, su, di: datasets.RML_CODES). Writes, for split in
-train / val / test (same files as read_cremad.py):
+train / val / test (the same files as read_cremad.py):
 
     {split}_videos.pkl  list of AVI paths 'root/SUBJECT/NAME.avi' (root as given)
     {split}_labels.pkl  list of emotion indices (datasets.RML_EMOTIONS order)
@@ -27,8 +27,11 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-import read_cremad
-from errors import BadValueError, ExistsError, MissingError, run_script
+from cmvq.cache import DEFAULT_WORKERS, describe_bad
+from cmvq.configurator import configure
+from cmvq.errors import BadValueError, ExistsError, MissingError, run_script
+from cmvq.splits import (SPLITS, check_usable, format_counts, print_record, split_counts,
+                         validate_splits, write_split_folder)
 
 # ----------------------------------------------------------------------------- config
 root = 'synth_rml/RML'          # RML folder (s1/ .. s8/ of AVI clips); default: the twin
@@ -39,7 +42,7 @@ split_sizes = (0.8, 0.1, 0.1)   # train, val, test proportions of the clips (spl
 val_subjects = ('s7',)          # split_by='user': validation subjects
 test_subjects = ('s8',)         # split_by='user': test subjects
 overwrite = False               # True: replace the files of an existing data_path
-workers = datasets.DEFAULT_WORKERS  # processes decoding clips
+workers = DEFAULT_WORKERS       # processes decoding clips
 cache = True                    # decode through the decode-once cache (reused by training)
 cache_dir = 'cache'             # where that cache lives
 frame_jitter = datasets.RML_JITTER  # training frame window of the cache: centre +- jitter
@@ -47,7 +50,6 @@ backend = 'pyav'                # AVI reader: 'pyav' or 'moviepy'
 progress = True                 # progress bars
 # -----------------------------------------------------------------------------
 CHOICES = {'split_by': ('clip', 'user'), 'backend': ('pyav', 'moviepy')}
-SPLITS = read_cremad.SPLITS
 DEFAULT_DATA_PATHS = {'clip': 'data_rml', 'user': 'data_rml_by_user'}
 
 
@@ -75,7 +77,7 @@ def plan_rml_splits(names, *, seed=0, split_by='clip', sizes=(0.8, 0.1, 0.1),
     names = sorted(set(names))
     if split_by == 'clip':
         order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-        bounds = np.cumsum(read_cremad.split_counts(len(order), sizes))
+        bounds = np.cumsum(split_counts(len(order), sizes))
         return {s: list(part) for s, part in
                 zip(SPLITS, np.split(np.array(order, dtype=object), bounds[:-1]), strict=True)}
     if split_by != 'user':
@@ -105,12 +107,12 @@ def format_rml_stats(names, split):
               'user': [datasets.rml_subject(p) for p in paths]}
     classes = {'emo': datasets.RML_EMOTIONS,
                'user': [f's{k + 1}' for k in range(max(labels['user'], default=-1) + 1)]}
-    return read_cremad.format_counts(labels, classes, split)
+    return format_counts(labels, classes, split)
 
 
 def build_splits(root, data_path=None, *, seed=0, split_by='clip', sizes=(0.8, 0.1, 0.1),
                  val_subjects=('s7',), test_subjects=('s8',), overwrite=False,
-                 workers=datasets.DEFAULT_WORKERS, cache=True, cache_dir='cache',
+                 workers=DEFAULT_WORKERS, cache=True, cache_dir='cache',
                  frame_jitter=datasets.RML_JITTER, backend='pyav', progress=True):
     """Write the split configs of the RML folder ``root``; returns the split.json record."""
     data_path = Path(data_path or DEFAULT_DATA_PATHS[split_by])
@@ -123,15 +125,15 @@ def build_splits(root, data_path=None, *, seed=0, split_by='clip', sizes=(0.8, 0
                              val_subjects=val_subjects, test_subjects=test_subjects)
     paths = {s: [os.path.join(root, f'{n}.avi') for n in splits[s]] for s in SPLITS}
     # every clip of every split decoded once (into the caches training reuses)
-    paths, bad, variances = read_cremad.validate_splits(
+    paths, bad, variances = validate_splits(
         paths, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter, backend=backend,
         workers=workers, progress=progress, decoder=datasets.RMLDecoder())
     empty = [s for s in SPLITS if not paths[s]]
     if empty:
         raise MissingError(f'no usable clips for split(s) {", ".join(empty)} under {root} '
                            f'({len(names)} AVI clips)'
-                           + (f': {datasets.describe_bad(bad, len(names))}' if bad else ''))
-    read_cremad.check_usable(root, paths, variances, len(names), 0, len(bad))
+                           + (f': {describe_bad(bad, len(names))}' if bad else ''))
+    check_usable(root, paths, variances, len(names), 0, len(bad))
     splits = {s: [str(Path(p).relative_to(root).with_suffix('')) for p in paths[s]]
               for s in SPLITS}
     record = {'dataset': 'RML', 'seed': seed, 'split_by': split_by,
@@ -141,15 +143,14 @@ def build_splits(root, data_path=None, *, seed=0, split_by='clip', sizes=(0.8, 0
               'dropped': {'bad': {os.path.relpath(p, root): r for p, r in sorted(bad.items())}},
               'image_var': variances[0], 'audio_var': variances[1]}
     labels = {s: [datasets.rml_emotion(p) for p in paths[s]] for s in SPLITS}
-    read_cremad.write_split_folder(
+    write_split_folder(
         data_path, {s: (paths[s], labels[s], format_rml_stats(splits[s], s)) for s in SPLITS},
         variances, record, overwrite=overwrite)
     return record
 
 
-def main():
-    from configurator import configure
-    cfg = configure(globals(), choices=CHOICES)
+def main(argv=None):
+    cfg = configure(globals(), argv, choices=CHOICES)
     out = cfg['data_path'] or DEFAULT_DATA_PATHS[cfg['split_by']]
     record = build_splits(
         cfg['root'], out, seed=cfg['seed'], split_by=cfg['split_by'],
@@ -157,8 +158,9 @@ def main():
         test_subjects=tuple(cfg['test_subjects']), overwrite=cfg['overwrite'],
         workers=cfg['workers'], cache=cfg['cache'], cache_dir=cfg['cache_dir'],
         frame_jitter=cfg['frame_jitter'], backend=cfg['backend'], progress=cfg['progress'])
-    read_cremad.print_record(record, out, extra=['subjects: ' + '; '.join(
+    print_record(record, out, extra=['subjects: ' + '; '.join(
         f'{s} {", ".join(v)}' for s, v in record['subjects'].items())])
+    return record
 
 
 if __name__ == '__main__':

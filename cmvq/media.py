@@ -19,7 +19,7 @@ import librosa
 import numpy as np
 from PIL import Image
 
-from errors import UserError
+from cmvq.errors import UserError
 
 VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS = 480, 360, 30
 AUDIO_RATE = 44100           # FLV audio track

@@ -4,6 +4,8 @@ A run that is killed midway leaves either the old file (or folder) or the new
 one, never a half-written one that looks complete. Used for every file the
 project writes (split configs, media, caches' metadata, run folders, plots) and,
 with ``write_folder``, for whole folders (split configs, decode caches).
+``file_key`` tells a reader that keeps what it read (a split file, a clip's hash)
+whether the file may have changed since.
 
 Temporary folders are named ``.<name>.tmp-<host>-<pid>-<random>`` beside their
 target, so that ``remove_stale_temps`` can remove the leftovers of a killed
@@ -25,7 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from errors import ExistsError
+from cmvq.errors import ExistsError
 
 
 def write(path, writer):
@@ -82,6 +84,13 @@ def write_json(path, obj, default=None):
 
 def write_pickle(path, obj):
     write_bytes(path, pickle.dumps(obj))
+
+
+def file_key(path):
+    """(real path, inode, size, mtime, ctime): changes whenever the file's content can
+    have changed (a rewrite in place with its mtime restored still moves the ctime)."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 # ----------------------------------------------------------------------------- folders

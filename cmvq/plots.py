@@ -12,7 +12,7 @@ matplotlib.use('Agg')  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import atomic  # noqa: E402
+from cmvq import atomic  # noqa: E402
 
 
 def _save(fig, path):

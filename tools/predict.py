@@ -1,14 +1,14 @@
 """Predict the emotion of single clips with a saved run.
 
-    python predict.py --timestamp=20261121-101500 clip.flv other.mp4 folder/ [--key=value]
+    python3 -m tools.predict --timestamp=20261121-101500 clip.flv other.mp4 folder/ [--key=value]
 
 A clip is an FLV, AVI or MP4 file (anything PyAV decodes); a folder means every
 such clip in it (sorted, not recursive). Each clip gets the run's own
 preprocessing on its centre frame (the evaluation's: face crop of the centre frame,
 log-mel of the whole mono audio track), so the result is deterministic. main.py's
 machine settings (results_dir, device, ...) apply; every other setting comes from
-the run's config.json. A clip that cannot be read is named and skipped; the rest
-are still predicted. Prints one line per clip and writes
+the run's config.json (a main.py or a main_separate.py run). A clip that cannot be
+read is named and skipped; the rest are still predicted. Prints one line per clip and writes
 results_dir/<run>/predict-<YYYYmmdd-HHMMSS>.json:
     {'run', 'epoch', 'predictions': [{'clip', 'emotion', 'probabilities': {ANG: p, ...}}],
      'skipped': [{'clip', 'error'}]}
@@ -21,11 +21,14 @@ from pathlib import Path
 import torch
 
 import datasets
-import experiment as ex
 import main
-import media
-from configurator import ConfigError
-from errors import UserError, run_script
+from cmvq import media
+from cmvq.config import CHOICES, TIMESTAMP_FORMAT, TOOL_KEYS
+from cmvq.configurator import ConfigError, configure
+from cmvq.errors import UserError, run_script
+from cmvq.loaders import frame_jitter
+from cmvq.runs import load_model, save_json_new, saved_config
+from cmvq.runtime import Runtime
 
 EXTENSIONS = ('.flv', '.avi', '.mp4')
 
@@ -46,7 +49,7 @@ def preprocess(path, cfg):
     """A clip -> (image (1, 3, 128, 128), spectrogram (1, 1, 256, 256)): the run's
     evaluation item (centre frame) through the dataset's own decode."""
     # size=None: any frame size (the top-centre square crop adapts to it)
-    faces, spec = datasets.decode_clip(path, ex.frame_jitter(cfg), offsets=[0], size=None)
+    faces, spec = datasets.decode_clip(path, frame_jitter(cfg), offsets=[0], size=None)
     return datasets.to_image(faces[0])[None], datasets.to_spectrogram(spec)[None]
 
 
@@ -75,33 +78,26 @@ def predict(net, runtime, cfg, paths):
     return predictions, skipped
 
 
-def load(cfg, run_dir, runtime):
-    """The run's model: a main.py run's model.pt, or a two-stage run's pair."""
-    if (run_dir / 'model_solver.pt').is_file():
-        import main_separate
-        return main_separate.load_two_stage(cfg, run_dir, runtime)
-    return main.load_model(cfg, run_dir, runtime)
-
-
 def run(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if a.startswith('-')]  # --key=value, -h, --help
     clips = clip_paths(a for a in argv if not a.startswith('-'))
-    cfg = main.resolve(main.header(), overrides)
+    machine = {k: v for k, v in main.header().items() if k in TOOL_KEYS}
+    cfg = configure(machine, overrides, CHOICES)
     if not cfg['timestamp']:
-        raise ConfigError('predict.py needs a saved run: --timestamp=<run>')
+        raise ConfigError('tools/predict.py needs a saved run: --timestamp=<run>')
     if not clips:
         raise ConfigError('no clip given (files, or folders holding .flv/.avi/.mp4 files)')
-    run_dir, cfg = main.saved_config(cfg)
+    run_dir, cfg = saved_config(cfg, script=None)
     if cfg['dataset'] != 'CREMA-D':
-        raise ConfigError(f"predict.py reads CREMA-D-style clips; run {cfg['timestamp']} "
+        raise ConfigError(f"tools/predict.py reads CREMA-D-style clips; run {cfg['timestamp']} "
                           f"was trained on {cfg['dataset']!r}")
-    runtime = ex.Runtime(cfg)
-    net, epoch = load(cfg, run_dir, runtime)
+    runtime = Runtime(cfg)
+    net, epoch = load_model(cfg, run_dir, runtime)
     predictions, skipped = predict(net, runtime, cfg, clips)
-    out = ex.save_json_new(run_dir / f'predict-{time.strftime(ex.TIMESTAMP_FORMAT)}.json',
-                           {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
-                            'skipped': skipped})
+    out = save_json_new(run_dir / f'predict-{time.strftime(TIMESTAMP_FORMAT)}.json',
+                        {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
+                         'skipped': skipped})
     print(f'{len(predictions)} predicted, {len(skipped)} skipped; wrote {out}')
     if not predictions:
         raise UserError(f'no clip could be read ({len(skipped)} skipped, named above)')

@@ -1,12 +1,12 @@
 """Turn a run folder of the released CM-VQVAE code into a run folder of this project.
 
-    python convert_released.py --src=path/to/results/20230315-015820
-    python main.py --timestamp=20230315-015820     # then evaluate it here
+    python3 -m tools.convert_released --src=path/to/results/20230315-015820
+    python3 main.py --timestamp=20230315-015820     # then evaluate it here
 
 The released main.py leaves in results/<timestamp>/ a bare model.state_dict() as
 model.pt (its module names: _encoder_image._conv_1.weight, ...) and a log.txt whose
 CONFIG block lists the constants of the run. This reads both, builds the matching
-project model from that config, loads the weights with model.load_released (an
+project model from that config, loads the weights with cmvq.released (an
 unknown or missing key stops with its name), and writes results_dir/<timestamp>/
 with config.json, model.pt and log.txt, as main.py would have. Nothing is written
 unless every check passes.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-import atomic
-import errors
-import experiment as ex
 import main
-import model as models
-from configurator import check_value, configure, parse_value
-from errors import BadValueError, ExistsError, MissingError
+from cmvq import atomic
+from cmvq.config import CHOICES, DATASET_ALIASES, TIMESTAMP_FORMAT, build_model, check_config
+from cmvq.configurator import check_value, configure, parse_value
+from cmvq.errors import BadValueError, ExistsError, MissingError, run_script
+from cmvq.released import load_released
+from cmvq.runs import save_json, save_torch
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with --key=value
@@ -79,13 +79,13 @@ def released_config(values, overrides):
     defaults = main.header()
     cfg = {**defaults, 'recon_loss': 'mse', 'timestamp': None}  # the released loss
     for key, value in {**values, **{k: v for k, v in overrides.items() if v is not None}}.items():
-        cfg[key] = check_value(key, value, defaults[key], ex.CHOICES)
-    cfg['dataset'] = ex.DATASET_ALIASES.get(cfg['dataset'], cfg['dataset'])
+        cfg[key] = check_value(key, value, defaults[key], CHOICES)
+    cfg['dataset'] = DATASET_ALIASES.get(cfg['dataset'], cfg['dataset'])
     missing = [k for k in REQUIRED if k not in values and overrides.get(k) is None]
     if missing:
         raise BadValueError(f"log.txt CONFIG lacks {', '.join(missing)} (older released logs "
                             f"do): give {' '.join(f'--{k}=...' for k in missing)}")
-    ex.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -98,18 +98,18 @@ def convert(src, results_dir='results', **overrides):
                                f'folder (model.pt + log.txt)')
     message, epoch, values = parse_log((src / 'log.txt').read_text())
     cfg = released_config(values, overrides)
-    state = torch.load(src / 'model.pt', map_location='cpu')
+    state = torch.load(src / 'model.pt', map_location='cpu', weights_only=True)
     if not isinstance(state, dict) or 'model' in state:
         raise BadValueError(f"{src / 'model.pt'} is not a released bare state_dict")
-    net = models.load_released(models.build_model(ex.model_config(cfg)), state)
-    timestamp = src.name if _is_timestamp(src.name) else time.strftime(ex.TIMESTAMP_FORMAT)
+    net = load_released(build_model(cfg), state)
+    timestamp = src.name if _is_timestamp(src.name) else time.strftime(TIMESTAMP_FORMAT)
     run_dir = Path(results_dir) / timestamp
     if run_dir.exists():
         raise ExistsError(f'{run_dir} exists; choose another --results_dir')
     cfg['message'] = f'{message} (converted from the released run {src})'
     run_dir.mkdir(parents=True)
-    ex.save_json(run_dir / 'config.json', cfg)
-    ex.save_torch(run_dir / 'model.pt', {'model': net.state_dict(), 'config': cfg,
+    save_json(run_dir / 'config.json', cfg)
+    save_torch(run_dir / 'model.pt', {'model': net.state_dict(), 'config': cfg,
                                          'epoch': epoch, 'val_class_error': None})
     log = (f'[0001] Message: {cfg["message"]}\n[0002] Converted: {len(state)} tensors of '
            f'{src / "model.pt"} into {type(net).__name__}, saved epoch {epoch}; config from '
@@ -120,7 +120,7 @@ def convert(src, results_dir='results', **overrides):
 
 def _is_timestamp(name):
     try:
-        time.strptime(name, ex.TIMESTAMP_FORMAT)
+        time.strptime(name, TIMESTAMP_FORMAT)
         return True
     except ValueError:
         return False
@@ -138,4 +138,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-    errors.run_script(run)
+    run_script(run)

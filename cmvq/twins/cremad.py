@@ -1,9 +1,5 @@
 """Synthetic CREMA-D twin: the same tree, formats and names, with known factors.
 
-    python synth_cremad.py                          # 91 actors x 82 clips in synth_cremad/CREMA-D
-    python synth_cremad.py --num_actors=4 --workers=2 --root=/tmp/twin
-    python synth_cremad.py --like=../shared/crema-d  # exactly the clips of a real listing
-
 The tree matches CREMA-D: ``VideoFlash/NAME.flv`` (480x360 flv1 video at 30 fps,
 stereo 44.1 kHz MP3), ``AudioWAV/NAME.wav`` (16 kHz mono 16-bit PCM),
 ``VideoDemographics.csv`` and ``SentenceFilenames.csv`` (same headers, quoting and
@@ -40,7 +36,7 @@ length), per-clip lighting, head position and motion, pixel noise, pitch shift,
 recording gain and background noise. Sex sets the base pitch (like real voices) at
 any strength. Every rendered factor is in ``ground_truth.csv``.
 
-The renderer and the build machinery are shared with the other twins (synth.py);
+The renderer and the build machinery are shared with the other twins (render.py);
 this file holds CREMA-D's layout: names, demographics, prototypes, FLV + WAV.
 
 Deterministic for a seed: each clip draws from its own generator seeded by
@@ -53,25 +49,18 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy.signal import resample_poly
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-import atomic
-import errors
-import media
-import synth
-from synth import SynthError, rng_for
+from cmvq import atomic, media
+from cmvq.twins import render
+from cmvq.twins.render import SynthError, rng_for
 
-# ----------------------------------------------------------------------------- config
-root = 'synth_cremad/CREMA-D'   # output folder (must be empty, missing, or a twin made here)
-num_actors = 91                 # 1..91: actors 1001..(1000 + num_actors)
-seed = 0                        # any int >= 0
-like = None                     # None, or a CREMA-D checkout / folder holding its two CSVs
-workers = 0                     # processes; 0: all cores
-nuisance = 0.5                  # 0..1 strength of emotion-irrelevant variation
-sentences = 'all'               # 'all' or comma list of codes, e.g. 'DFA,IEO'
-duration_scale = 1.0            # 1.0: CREMA-D-like 2-3 s clips; tests use 0.5
-measure = False                 # True: then print linear-probe accuracies (image/audio/joint)
-# -----------------------------------------------------------------------------
 
 VERSION = 2                     # bump when rendering changes: old twins are not reused
 MARKER = '.synth_cremad.json'
@@ -88,14 +77,14 @@ SYLLABLES = {'IEO': 5, 'TIE': 8, 'IOM': 8, 'IWW': 8, 'TAI': 7, 'MTI': 9, 'IWL': 
 
 # Face cues: brow_raise, brow_slant (+ inner end up), eye_open, mouth_curve (+ smile),
 # mouth_width. Confused pairs share a prototype exactly.
-FACE_PROTOTYPES = {'NEU': synth.FACE_RELAXED, 'DIS': synth.FACE_RELAXED,
-                   'SAD': synth.FACE_SAD, 'FEA': synth.FACE_SAD,
-                   'HAP': synth.FACE_SMILE, 'ANG': synth.FACE_ANGRY}
+FACE_PROTOTYPES = {'NEU': render.FACE_RELAXED, 'DIS': render.FACE_RELAXED,
+                   'SAD': render.FACE_SAD, 'FEA': render.FACE_SAD,
+                   'HAP': render.FACE_SMILE, 'ANG': render.FACE_ANGRY}
 # Voice cues: pitch (semitones), pitch_range (log2 of contour excursion), tempo (log2 of
 # speaking rate), energy (dB), tilt (octaves of the source's low-pass corner), tremor.
-VOICE_PROTOTYPES = {'NEU': synth.VOICE_NEUTRAL, 'FEA': synth.VOICE_FEAR,
-                    'HAP': synth.VOICE_HIGH, 'ANG': synth.VOICE_HIGH,
-                    'SAD': synth.VOICE_LOW, 'DIS': synth.VOICE_LOW}
+VOICE_PROTOTYPES = {'NEU': render.VOICE_NEUTRAL, 'FEA': render.VOICE_FEAR,
+                    'HAP': render.VOICE_HIGH, 'ANG': render.VOICE_HIGH,
+                    'SAD': render.VOICE_LOW, 'DIS': render.VOICE_LOW}
 
 # CREMA-D-like marginals for synthetic actors (from the real VideoDemographics.csv).
 SEXES, SEX_P = ('Male', 'Female'), (48 / 91, 43 / 91)
@@ -105,7 +94,7 @@ SKIN_BY_RACE = {'African American': (120, 80, 60), 'Asian': (220, 180, 140),
                 'Caucasian': (228, 185, 160), 'Unknown': (190, 145, 110)}
 
 # The face box rests at the top centre, in the region the loader crops.
-FRAME = synth.Frame(height=media.VIDEO_HEIGHT, width=media.VIDEO_WIDTH, top=24, left=130)
+FRAME = render.Frame(height=media.VIDEO_HEIGHT, width=media.VIDEO_WIDTH, top=24, left=130)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -192,8 +181,8 @@ def plan(num_actors=MAX_ACTORS, seed=0, like=None, sentences='all'):
 def actor_traits(row, seed, nuisance):
     """Emotion-irrelevant identity of one actor (face, voice), scaled by ``nuisance``."""
     rng = rng_for(seed, 'actor', row['ActorID'])
-    return synth.draw_traits(rng, row['Sex'] == 'Male',
-                             SKIN_BY_RACE.get(row['Race'], synth.NEUTRAL_SKIN), nuisance)
+    return render.draw_traits(rng, row['Sex'] == 'Male',
+                             SKIN_BY_RACE.get(row['Race'], render.NEUTRAL_SKIN), nuisance)
 
 
 def clip_factors(name, traits, seed, nuisance, duration_scale):
@@ -201,10 +190,10 @@ def clip_factors(name, traits, seed, nuisance, duration_scale):
     info = parse_name(name)
     rng = rng_for(seed, name)
     scale = LEVEL_INTENSITY[info['level']] * traits['expressiveness']
-    cues = synth.draw_cues(rng, FACE_PROTOTYPES[info['emotion']],
+    cues = render.draw_cues(rng, FACE_PROTOTYPES[info['emotion']],
                            VOICE_PROTOTYPES[info['emotion']], scale)
     out = dict(name=name, **info, intensity=round(scale, 4), **cues)
-    return synth.draw_factors(out, rng, traits, nuisance, duration_scale,
+    return render.draw_factors(out, rng, traits, nuisance, duration_scale,
                               SYLLABLES[info['sentence']])
 
 
@@ -214,8 +203,8 @@ def render_clip(job):
     """Render one clip and write it atomically; returns (name, flv bytes, wav bytes)."""
     out_root, f, traits, seed, duration_scale = job
     rng = rng_for(seed, f['name'], 'render')
-    audio, loudness = synth.render_audio(f, traits, duration_scale, rng)
-    frames = synth.render_video(f, traits, loudness, rng, FRAME)
+    audio, loudness = render.render_audio(f, traits, duration_scale, rng)
+    frames = render.render_video(f, traits, loudness, rng, FRAME)
     flv = Path(out_root) / 'VideoFlash' / f'{f["name"]}.flv'
     wav = Path(out_root) / 'AudioWAV' / f'{f["name"]}.wav'
     atomic.write(flv, lambda p: media.write_flv(p, frames, audio.astype(np.float32)))
@@ -236,7 +225,7 @@ def generate(root, *, num_actors=MAX_ACTORS, seed=0, like=None, workers=1, nuisa
     """
     params = _check(num_actors, seed, like, workers, nuisance, sentences, duration_scale)
     root = Path(root)
-    if synth.check_root(root, MARKER, params):
+    if render.check_root(root, MARKER, params):
         clips = len(plan(num_actors, seed, like, sentences)['names'])
         return dict(root=str(root), clips=clips, rendered=0, reused=True, seconds=0.0)
     planned = plan(num_actors, seed, like, sentences)
@@ -248,7 +237,7 @@ def generate(root, *, num_actors=MAX_ACTORS, seed=0, like=None, workers=1, nuisa
     atomic.write_json(root / MARKER, dict(params, complete=False))
     todo = [f for f in factors if not _done(root, f['name'])]
     jobs = [(str(root), f, traits[f['actor']], seed, duration_scale) for f in todo]
-    seconds = synth.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
+    seconds = render.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
                              'synth_cremad')
     _write_outputs(root, planned, factors)
     atomic.write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
@@ -264,7 +253,7 @@ def _check(num_actors, seed, like, workers, nuisance, sentences, duration_scale)
     """Validate the arguments; returns the parameters recorded in the marker."""
     if not (isinstance(num_actors, int) and 1 <= num_actors <= MAX_ACTORS):
         raise SynthError(f'num_actors={num_actors!r} must be an int in 1..{MAX_ACTORS}')
-    synth.check_common(seed, workers, nuisance, duration_scale)
+    render.check_common(seed, workers, nuisance, duration_scale)
     codes = parse_sentences(sentences)
     if like is not None:
         read_like(like, 1, codes)  # raises when the folder lacks the CSVs
@@ -289,7 +278,7 @@ def _write_outputs(root, planned, factors):
     rows = ['"Stimulus_Number","Filename"'] + [f'{i},"{n}"' for i, n in
                                                enumerate(planned['names'], 1)]
     atomic.write_bytes(root / 'SentenceFilenames.csv', '\n'.join(rows))
-    atomic.write_bytes(root / 'ground_truth.csv', synth.csv_text(factors))
+    atomic.write_bytes(root / 'ground_truth.csv', render.csv_text(factors))
 
 
 def _summary(root, factors, rendered, seconds):
@@ -306,7 +295,6 @@ def _summary(root, factors, rendered, seconds):
 def clip_features(path, size=32):
     """Cheap features of one FLV: (size x size grey centre face crop, mean + std of 64
     log-mel bands)."""
-    from PIL import Image
     frames, audio, _, rate = media.read_flv(path)
     face = media.face_crop(frames[media.centre_index(len(frames))])
     grey = Image.fromarray(face).convert('L').resize((size, size), Image.BILINEAR)
@@ -335,11 +323,6 @@ def learnability(root, split='clip', test_size=0.3, seed=0, workers=1, features=
     'actor' (speaker-independent). features: probe_features(root) if already computed.
     Returns dict(chance, train, test, image, audio, joint).
     """
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupShuffleSplit, train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     names, labels, image, audio = features or probe_features(root, workers)
     index = np.arange(len(names))
     if split == 'actor':
@@ -362,22 +345,3 @@ def learnability(root, split='clip', test_size=0.3, seed=0, workers=1, features=
 def _listing(root):
     with open(Path(root) / 'SentenceFilenames.csv', newline='') as f:
         return [r['Filename'] for r in csv.DictReader(f)]
-
-
-def main():
-    from configurator import configure
-    cfg = configure(globals())
-    generate(cfg['root'], num_actors=cfg['num_actors'], seed=cfg['seed'], like=cfg['like'],
-             workers=cfg['workers'], nuisance=cfg['nuisance'], sentences=cfg['sentences'],
-             duration_scale=cfg['duration_scale'])
-    if cfg['measure']:
-        features = probe_features(cfg['root'], cfg['workers'] or os.cpu_count())
-        for split in ('clip', 'actor'):
-            scores = learnability(cfg['root'], split=split, features=features)
-            print(f'learnability (split by {split}): ' + ', '.join(
-                f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
-                for k, v in scores.items()))
-
-
-if __name__ == '__main__':
-    errors.run_script(main)

@@ -9,19 +9,25 @@ file (the primary way to configure) and then calls
 Arguments are either a Python config file (``configs/demo.py``), whose top-level
 assignments override the defaults, or ``--key=value`` pairs. Values are parsed as
 Python literals when possible (``--lr=3e-4``, ``--shuffle=False``,
-``--timestamp=None``) and otherwise taken as strings (``--mode=audio-only``).
+``--timestamp=None``) and otherwise taken as strings (``--mode=audio-only``); a
+setting whose default is a tuple also takes a plain comma list (``--val_subjects=s3``,
+``--val_subjects=s3,s4``).
 
-Every override is checked: an unknown key, a value of the wrong type or a value
-outside ``choices`` raises ``ConfigError`` whose message lists what is allowed.
-Nothing is applied until every argument has been checked.
+Every override is checked by one validator: the key's entry in ``choices`` (a tuple
+of allowed values, or a predicate whose docstring says what it accepts), or, for a
+key without one, the type of its default. An unknown key or a value that fails raises
+``ConfigError`` whose message says what is allowed. Nothing is applied until every
+argument has been checked. A config file is Python code, run as it is: run only your
+own.
 """
 import ast
 import re
 import sys
 from pathlib import Path
 
-from errors import BadValueError, exit_with
+from cmvq.errors import BadValueError
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 # Types a header constant may have; modules, functions and imports are not config.
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
@@ -50,23 +56,36 @@ def parse_value(text):
 
 
 def check_value(key, value, default, choices=None):
-    """Return ``value`` coerced to the type of ``default``; raise ConfigError if it cannot be."""
+    """``value`` checked by the key's one validator (see the module docstring) and
+    normalised: an int for a float default becomes a float, a str or a single value for
+    a tuple default becomes a tuple. Raises ConfigError saying what is allowed."""
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if isinstance(default, tuple):
+        value = _as_tuple(value)
     allowed = (choices or {}).get(key)
-    listed = isinstance(allowed, tuple) and any(type(a) is type(value) and a == value
-                                                for a in allowed)
-    if default is not None and value is not None and not listed:  # e.g. 'auto' or True
+    if allowed is not None:
+        if not _is_allowed(value, allowed):
+            raise ConfigError(f'{key}={value!r} is not allowed; allowed: {_describe(allowed)}')
+        return value
+    if default is not None and value is not None:
         if isinstance(default, bool) or isinstance(value, bool):
             ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, float) and isinstance(value, int):
-            value, ok = float(value), True
         else:
             ok = isinstance(value, type(default))
         if not ok:
             raise ConfigError(f'{key}={value!r} has type {type(value).__name__}, '
                               f'expected {type(default).__name__} (default {default!r})')
-    if allowed is not None and not _is_allowed(value, allowed):
-        raise ConfigError(f'{key}={value!r} is not allowed; allowed: {_describe(allowed)}')
     return value
+
+
+def _as_tuple(value):
+    """'s3,s4' -> ('s3', 's4'); 's3' -> ('s3',); 0.5 -> (0.5,); a list -> a tuple."""
+    if isinstance(value, str):
+        return tuple(parse_value(part.strip()) for part in value.split(',') if part.strip())
+    if isinstance(value, list):
+        return tuple(value)
+    return value if isinstance(value, tuple) or value is None else (value,)
 
 
 def _is_allowed(value, allowed):
@@ -104,9 +123,7 @@ def configure(defaults, argv=None, choices=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     cfg = {k: defaults[k] for k in config_keys(defaults)}
-    if '-h' in argv or '--help' in argv:
-        print(help_text(cfg))
-        sys.exit(0)
+    answer_help(cfg, argv)
     overrides = []
     for arg in argv:
         if arg.startswith('--'):
@@ -128,19 +145,23 @@ def configure(defaults, argv=None, choices=None):
     return cfg
 
 
+def answer_help(defaults, argv):
+    """With -h or --help in argv: print help_text and exit 0 (cheap: nothing is imported)."""
+    if '-h' in argv or '--help' in argv:
+        print(help_text({k: defaults[k] for k in config_keys(defaults)}))
+        sys.exit(0)
+
+
 def help_text(cfg, script=None):
     """--help: the script's docstring, then every constant with its default and the
     comment of its header line (allowed values), found in the script or the project
-    modules it imported (main_separate.py shows main.py's header too)."""
+    files it imported (main_separate.py shows main.py's header too)."""
     script = Path(script or sys.argv[0]).resolve()
-    files = [Path(f) for f in (getattr(m, '__file__', None) for m in list(sys.modules.values()))
-             if isinstance(f, str) and Path(f).is_absolute()]
-    sources = [script] + [f for f in files if f.parent == script.parent and f.is_file()]
     comments = {}
-    for source in dict.fromkeys(sources):
+    for source in dict.fromkeys([script, *_project_files()]):
         key = None
         for line in source.read_text().splitlines():
-            match = re.match(r'^([a-z_][a-z0-9_]*) *=.*?#\s?(.*)$', line)
+            match = re.match(r'^([A-Za-z_][A-Za-z0-9_]*) *=.*?#\s?(.*)$', line)
             more = re.match(r'^# {8,}(.*)$', line)  # a comment continued under its line
             if match and match[1] in cfg and match[1] not in comments:
                 key, comments[key] = match[1], match[2]
@@ -149,7 +170,7 @@ def help_text(cfg, script=None):
             else:
                 key = None
     doc = ast.get_docstring(ast.parse(script.read_text())) or ''
-    lines = [doc, '', f'usage: python3 {script.name} [config.py ...] [--key=value ...]',
+    lines = [doc, '', f'usage: {_command(script)} [config.py ...] [--key=value ...]',
              'settings (default, then what is allowed):']
     for k, v in cfg.items():
         flag = f'--{k}={v!r}'
@@ -158,10 +179,17 @@ def help_text(cfg, script=None):
     return '\n'.join(lines)
 
 
-def configure_or_exit(defaults, argv=None, choices=None):
-    """``configure`` for entry scripts: a bad override prints one line and exits with status 1
-    (errors.run_script does the same for a ConfigError raised by ``configure``)."""
-    try:
-        return configure(defaults, argv, choices)
-    except ConfigError as e:
-        exit_with(e)
+def _project_files():
+    """The project's Python files loaded in this process (scripts and library)."""
+    files = (getattr(m, '__file__', None) for m in list(sys.modules.values()))
+    return [Path(f) for f in files if isinstance(f, str) and Path(f).is_file()
+            and Path(f).resolve().is_relative_to(PROJECT_ROOT)]
+
+
+def _command(script):
+    """How the script is run from the checkout root: python3 x.py or python3 -m dir.x."""
+    relative = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) \
+        else Path(script.name)
+    if len(relative.parts) == 1:
+        return f'python3 {relative}'
+    return 'python3 -m ' + '.'.join(relative.with_suffix('').parts)

@@ -1,8 +1,5 @@
 """Synthetic RML twin: RML's layout and formats, with known factors.
 
-    python synth_rml.py                                  # 8 subjects x 6 x 15 = 720 clips
-    python synth_rml.py --clips_per_emotion=4 --duration_scale=0.5 --root=/tmp/rml
-
 The tree matches the RML emotion database: one folder per subject, ``s1/`` ..
 ``s8/``, holding ``{emotion}{n}.avi`` clips (emotion codes ha, sa, an, fe, su, di;
 n = 1..clips_per_emotion): MPEG-4 video at 30 fps, 720x480 or 360x240 (frames
@@ -13,7 +10,7 @@ sentence (n - 1) % 10 + 1). Plus ``ground_truth.csv`` (the factors rendered per
 clip, with the probe classes skin_class and pitch_class) and the marker
 ``.synth_rml.json`` (the parameters; complete once the twin is).
 
-The faces and voices come from the CREMA-D twin's renderer (synth.py), with RML's
+The faces and voices come from the CREMA-D twin's renderer (render.py), with RML's
 six emotions (with surprise, without neutral):
 
     emotion   | face cues                          | voice cues
@@ -41,22 +38,10 @@ import numpy as np
 from PIL import Image
 from scipy.signal import resample_poly
 
-import atomic
-import errors
-import media
-import synth
-from synth import SynthError, rng_for
+from cmvq import atomic, media
+from cmvq.twins import render
+from cmvq.twins.render import SynthError, rng_for
 
-# ----------------------------------------------------------------------------- config
-root = 'synth_rml/RML'          # output folder (must be empty, missing, or a twin made here)
-num_subjects = 8                # 1..8: subjects s1..s<num_subjects>
-clips_per_emotion = 15          # clips per subject and emotion (RML: 15)
-sentences_per_emotion = 10      # sentences per language and emotion (clip n: (n-1) % this)
-seed = 0                        # any int >= 0
-workers = 0                     # processes; 0: all cores
-nuisance = 0.5                  # 0..1 strength of emotion-irrelevant variation
-duration_scale = 1.0            # 1.0: RML-like 3-6 s clips; tests use less
-# -----------------------------------------------------------------------------
 
 VERSION = 1                     # bump when rendering changes: old twins are not reused
 MARKER = '.synth_rml.json'
@@ -67,10 +52,10 @@ EMOTION_CODES = ('ha', 'sa', 'an', 'fe', 'su', 'di')
 LANGUAGES = ('English', 'Mandarin', 'Urdu', 'Punjabi', 'Persian', 'Italian')
 INTENSITY = 0.9                 # RML has no intensity levels: one scale for every clip
 SYLLABLE_RANGE = (12, 18)       # syllables per sentence: mostly 3-6 s clips at duration_scale 1
-FACE_PROTOTYPES = {'ha': synth.FACE_SMILE, 'sa': synth.FACE_SAD, 'an': synth.FACE_ANGRY,
-                   'fe': synth.FACE_SAD, 'su': synth.FACE_SURPRISED, 'di': synth.FACE_ANGRY}
-VOICE_PROTOTYPES = {'ha': synth.VOICE_HIGH, 'sa': synth.VOICE_LOW, 'an': synth.VOICE_HIGH,
-                    'fe': synth.VOICE_FEAR, 'su': synth.VOICE_SURPRISED, 'di': synth.VOICE_LOW}
+FACE_PROTOTYPES = {'ha': render.FACE_SMILE, 'sa': render.FACE_SAD, 'an': render.FACE_ANGRY,
+                   'fe': render.FACE_SAD, 'su': render.FACE_SURPRISED, 'di': render.FACE_ANGRY}
+VOICE_PROTOTYPES = {'ha': render.VOICE_HIGH, 'sa': render.VOICE_LOW, 'an': render.VOICE_HIGH,
+                    'fe': render.VOICE_FEAR, 'su': render.VOICE_SURPRISED, 'di': render.VOICE_LOW}
 # Probe classes (emotion-irrelevant): the subject's skin tone and the clip's voice
 # pitch without its emotional part (subject f0 * pitch shift), in bins.
 SKIN_TONES = {'light': (232, 190, 165), 'medium': (205, 155, 115), 'olive': (180, 140, 95),
@@ -78,10 +63,10 @@ SKIN_TONES = {'light': (232, 190, 165), 'medium': (205, 155, 115), 'olive': (180
 PITCH_CLASSES, PITCH_EDGES_HZ = ('low', 'mid', 'high'), (140.0, 185.0)
 # Frame geometry: rendered 720x480 with the face box centred (the loader's centre
 # crop is 380 pixels); subjects filmed at 240 get every frame halved to 360x240.
-FRAME = synth.Frame(height=480, width=720, top=(480 - synth.LAYER_H) // 2,
-                    left=(720 - synth.LAYER_W) // 2)
+FRAME = render.Frame(height=480, width=720, top=(480 - render.LAYER_H) // 2,
+                    left=(720 - render.LAYER_W) // 2)
 HEIGHTS = (480, 240)            # s1, s2: 480 high; s3, s4: 240; s5, s6: 480; ...
-AUDIO_DOWN = synth.RATE // media.AVI_RATE  # 44.1 kHz render -> 22,050 Hz
+AUDIO_DOWN = render.RATE // media.AVI_RATE  # 44.1 kHz render -> 22,050 Hz
 
 
 # ----------------------------------------------------------------------------- planning
@@ -124,7 +109,7 @@ def sentence_syllables(language, code, number):
 def subject_traits(row, seed, nuisance):
     """Emotion-irrelevant identity of one subject (face, voice)."""
     rng = rng_for(seed, 'rml-actor', row['subject'])
-    return synth.draw_traits(rng, row['sex'] == 'Male', SKIN_TONES[row['skin_class']], nuisance)
+    return render.draw_traits(rng, row['sex'] == 'Male', SKIN_TONES[row['skin_class']], nuisance)
 
 
 def clip_factors(name, row, traits, seed, nuisance, duration_scale, sentences):
@@ -133,14 +118,14 @@ def clip_factors(name, row, traits, seed, nuisance, duration_scale, sentences):
     rng = rng_for(seed, 'rml', name)
     number = (info['clip'] - 1) % sentences + 1
     scale = INTENSITY * traits['expressiveness']
-    cues = synth.draw_cues(rng, FACE_PROTOTYPES[info['emotion']],
+    cues = render.draw_cues(rng, FACE_PROTOTYPES[info['emotion']],
                            VOICE_PROTOTYPES[info['emotion']], scale)
     out = dict(name=name, subject=row['subject'], language=row['language'], sex=row['sex'],
                emotion=info['emotion'], label=EMOTION_CODES.index(info['emotion']),
                clip=info['clip'], sentence=f'{row["language"]}-{info["emotion"]}{number}',
                height=row['height'], skin_class=row['skin_class'], intensity=round(scale, 4),
                **cues)
-    out = synth.draw_factors(out, rng, traits, nuisance, duration_scale, sentence_syllables(
+    out = render.draw_factors(out, rng, traits, nuisance, duration_scale, sentence_syllables(
         row['language'], info['emotion'], number))
     base = out['actor_f0_hz'] * 2 ** (out['pitch_shift_st'] / 12)
     out['pitch_class'] = PITCH_CLASSES[int(np.searchsorted(PITCH_EDGES_HZ, base))]
@@ -153,8 +138,8 @@ def render_clip(job):
     """Render one clip and write root/NAME.avi atomically; returns (name, bytes)."""
     out_root, f, traits, seed, duration_scale = job
     rng = rng_for(seed, 'rml', f['name'], 'render')
-    audio, loudness = synth.render_audio(f, traits, duration_scale, rng)
-    frames = synth.render_video(f, traits, loudness, rng, FRAME)
+    audio, loudness = render.render_audio(f, traits, duration_scale, rng)
+    frames = render.render_video(f, traits, loudness, rng, FRAME)
     if f['height'] != FRAME.height:
         frames = np.stack([_resize(image, f['height']) for image in frames])
     path = Path(out_root) / f'{f["name"]}.avi'
@@ -182,7 +167,7 @@ def generate(root, *, num_subjects=MAX_SUBJECTS, clips_per_emotion=15, sentences
                     nuisance, duration_scale)
     root = Path(root)
     names = clip_names(num_subjects, clips_per_emotion)
-    if synth.check_root(root, MARKER, params):
+    if render.check_root(root, MARKER, params):
         return dict(root=str(root), clips=len(names), rendered=0, reused=True, seconds=0.0)
     rows = {r['subject']: r for r in subjects(num_subjects)}
     traits = {s: subject_traits(r, seed, nuisance) for s, r in rows.items()}
@@ -196,9 +181,9 @@ def generate(root, *, num_subjects=MAX_SUBJECTS, clips_per_emotion=15, sentences
     atomic.write_json(root / MARKER, dict(params, complete=False))
     jobs = [(str(root), f, traits[f['subject']], seed, duration_scale) for f in factors
             if not (root / f'{f["name"]}.avi').is_file()]
-    seconds = synth.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
+    seconds = render.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
                              'synth_rml')
-    atomic.write_bytes(root / 'ground_truth.csv', synth.csv_text(factors))
+    atomic.write_bytes(root / 'ground_truth.csv', render.csv_text(factors))
     atomic.write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
     size = sum((root / f'{n}.avi').stat().st_size for n in names)
     if progress:
@@ -217,21 +202,8 @@ def _check(num_subjects, clips_per_emotion, sentences_per_emotion, seed, workers
                        ('sentences_per_emotion', sentences_per_emotion)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise SynthError(f'{key}={value!r} must be an int >= 1')
-    synth.check_common(seed, workers, nuisance, duration_scale)
+    render.check_common(seed, workers, nuisance, duration_scale)
     return dict(generator='synth_rml', version=VERSION, num_subjects=num_subjects,
                 clips_per_emotion=clips_per_emotion,
                 sentences_per_emotion=sentences_per_emotion, seed=seed,
                 nuisance=float(nuisance), duration_scale=float(duration_scale))
-
-
-def main():
-    from configurator import configure
-    cfg = configure(globals())
-    generate(cfg['root'], num_subjects=cfg['num_subjects'],
-             clips_per_emotion=cfg['clips_per_emotion'],
-             sentences_per_emotion=cfg['sentences_per_emotion'], seed=cfg['seed'],
-             workers=cfg['workers'], nuisance=cfg['nuisance'], duration_scale=cfg['duration_scale'])
-
-
-if __name__ == '__main__':
-    errors.run_script(main)

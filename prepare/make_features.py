@@ -1,10 +1,10 @@
 """Extract the RML_feat features: an RML (or CREMA-D) split folder -> a feature folder.
 
-    python make_features.py --data_path=data_rml --feat_path=data_rml_feat
-    python make_features.py --image_model=resnet18 --image_weights=None \\
+    python3 -m prepare.make_features --data_path=data_rml --feat_path=data_rml_feat
+    python3 -m prepare.make_features --image_model=resnet18 --image_weights=None \\
         --audio_size=tiny --audio_weights=None --image_size=64     # random tiny models
 
-For every clip of the train / val / test splits of ``data_path`` (read_rml.py's
+For every clip of the train / val / test splits of ``data_path`` (prepare/read_rml.py's
 or read_cremad.py's files), with the RML preprocessing (DESIGN 8):
 - the audio window: the central 2.5 s (RML_SECONDS) when the clip is longer,
   mono, resampled to the speech model's rate (16 kHz);
@@ -31,22 +31,25 @@ get_model(weights='DEFAULT'), torchaudio bundle.get_model(); needs internet once
 then torch.hub's cache), a path loads a state dict from that local file, None
 keeps the random initialisation (tests; meaningless features).
 """
+from math import gcd
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+import torchaudio
+import torchvision
+from scipy.signal import resample_poly
 
-import atomic
 import datasets
-import errors
-import media
-from errors import BadValueError, ExistsError
-from model import frame_indices
+from cmvq import atomic, media
+from cmvq.configurator import configure
+from cmvq.errors import BadValueError, ExistsError, run_script
+from cmvq.progress import progress_bar
+from model_feat import frame_indices
 
 # ----------------------------------------------------------------------------- config
-data_path = 'data_rml'          # split folder of the clips (read_rml.py / read_cremad.py)
+data_path = 'data_rml'          # split folder of the clips (prepare/read_rml.py, read_cremad.py)
 feat_path = 'data_rml_feat'     # output feature folder (RMLFeatDataset reads it)
 dataset = 'RML'                 # 'RML' or 'CREMA-D': whose preprocessing and split files
 image_model = 'vgg16'           # torchvision model (its last fc removed): 'vgg16', 'resnet18', ..
@@ -81,7 +84,6 @@ TINY_AUDIO = dict(extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4
 
 def build_image_model(name, weights):
     """(torchvision model without its last fc, in eval mode, feature size)."""
-    import torchvision
     try:
         net = torchvision.models.get_model(name, weights='DEFAULT' if weights == 'download'
                                            else None)
@@ -111,7 +113,6 @@ class AudioModel(torch.nn.Module):
 
     def __init__(self, bundle_name, weights, size='bundle'):
         super().__init__()
-        import torchaudio
         if bundle_name not in AUDIO_BUNDLES:
             raise BadValueError(f'audio_bundle={bundle_name!r} is not one of '
                              f'{", ".join(AUDIO_BUNDLES)}')
@@ -158,9 +159,6 @@ def clip_window(path, kind):
 @torch.no_grad()
 def clip_features(path, kind, image_net, audio_net, size, device):
     """(image features (16, Fi), audio features (L, 64, Fa)) of one clip, float32."""
-    from math import gcd
-
-    from scipy.signal import resample_poly
     faces, window, rate = clip_window(path, kind)
     x = torch.from_numpy(faces).to(device).permute(0, 3, 1, 2).float().div_(255)
     x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False,
@@ -178,7 +176,7 @@ def clip_features(path, kind, image_net, audio_net, size, device):
 # ----------------------------------------------------------------------------- folders
 
 def load_clips(data_path, split, kind):
-    """(clip paths, emotions) of a split folder: read_rml.py's, or read_cremad.py's
+    """(clip paths, emotions) of a split folder: prepare/read_rml.py's, or read_cremad.py's
     emotion list out of its 8."""
     if kind == 'RML':
         return datasets.load_rml_split(data_path, split)
@@ -210,8 +208,8 @@ def extract(data_path, feat_path, *, kind='RML', image_model='vgg16', image_weig
     def fill(folder):
         for split in SPLITS:
             paths, emotions = clips[split]
-            for i, path in enumerate(tqdm(paths, desc=f'features {split}', unit='clip',
-                                          disable=not progress)):
+            for i, path in enumerate(progress_bar(paths, desc=f'features {split}',
+                                                  unit='clip', enabled=progress)):
                 x, y = clip_features(path, kind, image_net, audio_net, image_size, device)
                 if i == 0:  # sizes known after the first clip
                     image = _memmap(folder / f'{split}_image.npy', dtype, (len(paths), *x.shape))
@@ -240,9 +238,8 @@ def _memmap(path, dtype, shape):
     return np.lib.format.open_memmap(path, 'w+', np.dtype(dtype), shape)
 
 
-def main():
-    from configurator import configure_or_exit
-    cfg = configure_or_exit(globals(), choices=CHOICES)
+def main(argv=None):
+    cfg = configure(globals(), argv, choices=CHOICES)
     dev = cfg['device']
     if dev == 'auto':
         dev = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -258,4 +255,4 @@ def main():
 
 
 if __name__ == '__main__':
-    errors.run_script(main)
+    run_script(main)

@@ -1,8 +1,7 @@
 """Probe a trained CM-VQVAE run: what its shared and private latent channels hold.
 
-    python probe.py --timestamp=20261121-051151                  # results/20261121-051151
-    python probe.py configs/demo.py --timestamp=20261121-051151  # the demo's settings
-    python probe.py --timestamp=20261121-051151 --probe_epochs=5 # also fine-tune decoders
+    python3 -m tools.probe --timestamp=20261121-051151                  # results/20261121-051151
+    python3 -m tools.probe --timestamp=20261121-051151 --probe_epochs=5 # also tune decoders
 
 The run must have a mask: base_type 0 (one- or two-stage) or 3. Like
 `main.py --timestamp`, the model comes from the run's config.json and only the
@@ -43,18 +42,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-import atomic
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 import datasets
-import experiment as ex
 import main
 import model as models
-from configurator import ConfigError
-from errors import BadValueError, run_script
+from cmvq import atomic, plots
+from cmvq.config import CHOICES, TOOL_KEYS, model_config
+from cmvq.configurator import ConfigError, configure
+from cmvq.errors import BadValueError, run_script
+from cmvq.loaders import make_datasets, make_loader, set_epoch
+from cmvq.progress import progress_bar
+from cmvq.runs import Log, load_model, new_run_dir, save_json, saved_config
+from cmvq.runtime import Runtime, seed_everything
 
 # ------------------------------------------------------------------------------------------
-# config: main.py's header (timestamp names the run; its machine settings apply), plus
+# config: main.py's machine settings (timestamp names the run; see TOOL_KEYS), plus
 probe_items = 8             # test items shown in the reconstruction figures (int > 0)
 probe_epochs = 0            # > 0: fine-tune decoder copies on shared-only / private-only codes
 probe_seed = 0              # drives the figure's items, the bootstrap and the fine-tuning
@@ -85,9 +89,31 @@ GROUND_TRUTH_SKIP = ('name', 'actor', 'sentence', 'emotion', 'level')  # CREMA-D
 CI = (2.5, 97.5)  # percentiles of the 95% bootstrap interval
 
 
+def _non_negative_int(v):
+    """an int >= 0"""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_int(v):
+    """an int > 0"""
+    return _non_negative_int(v) and v > 0
+
+
+def _positive_float(v):
+    """a number > 0"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+PROBE_CHOICES = {'probe_items': _positive_int, 'probe_epochs': _non_negative_int,
+                 'probe_seed': _non_negative_int, 'bootstrap': _positive_int,
+                 'probe_C': _positive_float, 'probe_alpha': _positive_float,
+                 'probe_permutations': _non_negative_int}
+
+
 def header():
-    """main.py's header constants plus this file's."""
-    return {**main.header(), **{k: globals()[k] for k in PROBE_KEYS}}
+    """main.py's machine settings plus this file's constants."""
+    machine = {k: v for k, v in main.header().items() if k in TOOL_KEYS}
+    return {**machine, **{k: globals()[k] for k in PROBE_KEYS}}
 
 
 class Label(NamedTuple):
@@ -118,7 +144,7 @@ def rml_labels(dataset):
     return labels
 
 
-# Dataset name of a run -> (dataset probe.py loads, label source of one split's
+# Dataset name of a run -> (dataset the probe loads, label source of one split's
 # dataset). An RML run is probed through RMLProbeDataset, whose items carry the
 # skin colour, pitch and user labels (-1 where unknown: then constant, skipped).
 LABEL_SOURCES = {'CREMA-D': ('CREMA-D', cremad_labels), 'RML': ('RML_probe', rml_labels),
@@ -175,9 +201,9 @@ def check_run(cfg, run_dir):
     """A BadValueError (one line) unless the run can be probed."""
     if cfg['base_type'] not in MASKED_BASE_TYPES:
         raise BadValueError(f"run {run_dir.name} has base_type {cfg['base_type']} (no mask); "
-                            f"probe.py needs a masked run: base_type 0 or 3")
+                            f"the probe needs a masked run: base_type 0 or 3")
     if cfg['dataset'] not in LABEL_SOURCES:
-        raise BadValueError(f"probe.py has no labels for dataset {cfg['dataset']!r} of run "
+        raise BadValueError(f"the probe has no labels for dataset {cfg['dataset']!r} of run "
                             f"{run_dir.name}; known: {', '.join(LABEL_SOURCES)}")
 
 
@@ -194,18 +220,15 @@ def shared_channels(solver):
 
 def load_probed(cfg, run_dir, runtime):
     """The run's encoders and mask; for base_type 0 a ModelProbe built from them."""
-    if ex.trained_by(run_dir) == 'main.py':
-        net, epoch = main.load_model(cfg, run_dir, runtime)
-        backbone, solver = net.backbone, net.solver
-    else:  # a two-stage run of main_separate.py
-        import main_separate
-        net, epoch = main_separate.load_two_stage(cfg, run_dir, runtime)
-        backbone, solver = net.vqvae, net.solver.solver
+    net, epoch = load_model(cfg, run_dir, runtime)
+    backbone, solver = net.backbone, net.solver
+    if isinstance(net, models.ModelTwoStage):  # a two-stage run of main_separate.py
+        solver = solver.solver
     probe = None
     if cfg['base_type'] == 0:
-        # The seed's way: the probing model takes the trained VQ-VAEs' weights and,
+        # The released code's way: the probing model takes the trained VQ-VAEs' weights and,
         # through set_mask, the trained mask.
-        probe = runtime.prepare(models.build_probe(ex.model_config(cfg)))
+        probe = runtime.prepare(models.build_probe(model_config(cfg)))
         probe.backbone.load_state_dict(backbone.state_dict())
         probe.set_mask(net.get_mask())
         backbone, solver = probe.backbone, probe.solver
@@ -217,7 +240,7 @@ def load_probed(cfg, run_dir, runtime):
 
 def batches(loader, runtime, desc):
     """(image, audio) on the device, with a progress bar."""
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc=desc, leave=False, lines=False):
         image, audio, _ = runtime.to_device(batch)
         yield image, audio
 
@@ -304,7 +327,7 @@ def fine_tune(cfg, backbone, mask, keep, loader, runtime):
     optimizer = torch.optim.Adam(tuned.decoders.parameters(), lr=cfg['learning_rate'])
     tuned.decoders.train()
     for epoch in range(1, cfg['probe_epochs'] + 1):
-        ex.set_epoch(loader, epoch)
+        set_epoch(loader, epoch)
         for image, audio in batches(loader, runtime, f'{keep} decoders, epoch {epoch}'):
             with torch.no_grad(), runtime.autocast():
                 codes = backbone(image, audio, decode=False)
@@ -331,9 +354,6 @@ def channel_subsets(shared, dim, present):
 
 def fit_predict(kind, x_train, y_train, x_test, cfg):
     """Standardised codes -> logistic regression (classes) or ridge (continuous)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     head = (LogisticRegression(C=cfg['probe_C'], max_iter=5000) if kind == 'class'
             else Ridge(alpha=cfg['probe_alpha']))
     return make_pipeline(StandardScaler(), head).fit(x_train, y_train).predict(x_test)
@@ -477,7 +497,7 @@ def run_probes(labels, features, subsets, cfg, controls=()):
     n = len(features['test'])
     resamples = rng.integers(0, n, size=(cfg['bootstrap'], n))
     return {label.name: probe_label(label, features, subsets, resamples, cfg, controls)
-            for label in tqdm(labels, desc='linear probes', leave=False)}
+            for label in progress_bar(labels, desc='linear probes', leave=False, lines=False)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -583,7 +603,6 @@ def markdown(report):
 
 
 def heatmap(out_dir, report):
-    import plots
     names = [n for n, r in report['labels'].items() if 'subsets' in r]
     values = [[skill(report['labels'][n], s) for s in SUBSETS] for n in names]
     plots.plot_decodability(out_dir / 'decodability.png', values, names,
@@ -596,12 +615,11 @@ def heatmap(out_dir, report):
 def resolve(argv):
     """The saved run's config with this header's machine and probe settings (a
     UserError, before any work, for a bad value or a run that cannot be probed)."""
-    cfg = main.resolve(header(), argv)
+    cfg = configure(header(), argv, {**CHOICES, **PROBE_CHOICES})
     if not cfg['timestamp']:
         raise ConfigError('needs --timestamp=<a run folder of '
                           f"{cfg['results_dir']}/>")
-    owner = ex.trained_by(Path(cfg['results_dir']) / cfg['timestamp'])
-    run_dir, saved = main.saved_config(cfg, owner or 'main.py')
+    run_dir, saved = saved_config(cfg, script=None)
     saved.update({k: cfg[k] for k in PROBE_KEYS})
     check_run(saved, run_dir)
     return run_dir, saved
@@ -610,8 +628,8 @@ def resolve(argv):
 def load_data(cfg, runtime):
     """Train and test datasets with centre frames, and unshuffled loaders over them."""
     data_cfg = {**cfg, 'dataset': LABEL_SOURCES[cfg['dataset']][0]}
-    data = ex.make_datasets(data_cfg, splits=('train', 'test'), train=False)
-    return data, {s: ex.make_loader(d, cfg, runtime, train=False) for s, d in data.items()}
+    data = make_datasets(data_cfg, splits=('train', 'test'), train=False)
+    return data, {s: make_loader(d, cfg, runtime, train=False) for s, d in data.items()}
 
 
 def reconstruct(cfg, probed, data, loaders, runtime):
@@ -622,7 +640,7 @@ def reconstruct(cfg, probed, data, loaders, runtime):
     mask = torch.as_tensor(probed.shared, dtype=torch.float32, device=runtime.device)
     tuned = {}
     if cfg['probe_epochs']:
-        train = ex.make_loader(data['train'], cfg, runtime, train=True)
+        train = make_loader(data['train'], cfg, runtime, train=True)
         tuned = {keep: fine_tune(cfg, probed.backbone, mask, keep, train, runtime)
                  for keep in ('shared', 'private')}
     rows = decoders_of(cfg, probed.probe, tuned)
@@ -641,8 +659,8 @@ def run_info(cfg, run_dir, probed, data):
 
 def probe_run(cfg, run_dir):
     """Every measurement, then the probe folder written: (its path, the report)."""
-    ex.seed_everything(cfg['probe_seed'])
-    runtime = ex.Runtime(cfg)
+    seed_everything(cfg['probe_seed'])
+    runtime = Runtime(cfg)
     data, loaders = load_data(cfg, runtime)
     probed = load_probed(cfg, run_dir, runtime)
     dim = cfg['embedding_dim']
@@ -668,9 +686,8 @@ def probe_run(cfg, run_dir):
 
 def write(run_dir, report, figures):
     """run_dir/probe-<time>/: probe.json, probe.md, decodability.png, recon_*.png."""
-    import plots
-    out_dir = ex.new_run_dir(run_dir, prefix='probe-')
-    ex.save_json(out_dir / 'probe.json', report)
+    out_dir = new_run_dir(run_dir, prefix='probe-')
+    save_json(out_dir / 'probe.json', report)
     atomic.write_bytes(out_dir / 'probe.md', markdown(report))
     heatmap(out_dir, report)
     for modality, rows in figures.items():
@@ -686,7 +703,7 @@ def run(argv=None):
     run_dir, cfg = resolve(argv)
     started = time.time()
     out_dir, report = probe_run(cfg, run_dir)
-    log = ex.Log(run_dir / 'log.txt')
+    log = Log(run_dir / 'log.txt')
     try:
         log(f'Probe of the saved model, {time.strftime("%Y-%m-%d %H:%M:%S")} '
             f'({time.time() - started:.0f} s): {out_dir}')

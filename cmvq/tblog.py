@@ -17,7 +17,7 @@ class TensorBoardLog:
     """An on_epoch hook for experiment.fit writing with torch's SummaryWriter."""
 
     def __init__(self, run_dir, val_loader, runtime, num=4):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # loads tensorboard (~1 s): on use
         self.writer = SummaryWriter(str(Path(run_dir) / 'tb'))
         self.runtime = runtime
         image, audio, *_ = next(iter(val_loader))
