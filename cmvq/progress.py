@@ -1,8 +1,9 @@
 """Progress: a tqdm bar on a terminal, plain lines when output is redirected.
 
 A bar's carriage-return updates would fill a redirected log (and glue the next log
-line to a half-drawn bar), so off a terminal a long job prints one plain line per
-tenth of its way instead, and a per-batch bar (lines=False) prints nothing.
+line to a half-drawn bar), so off a terminal a job prints plain lines instead: one
+when it ends, and on the way one at each tenth if 10 s have passed since the last.
+A per-batch bar (lines=False) prints nothing.
 """
 import sys
 import time
@@ -23,11 +24,14 @@ def progress_bar(iterable=None, *, total=None, desc='', unit='it', enabled=True,
 
 
 class PlainProgress:
-    """The redirected form of a progress bar: a line at each tenth of total and at the end."""
+    """The redirected form of a progress bar (see the module docstring)."""
+
+    EVERY = 10.0  # seconds between lines on the way
 
     def __init__(self, iterable, total, desc, unit, lines):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.lines, self.n, self.shown, self.start = lines, 0, 0, time.time()
+        self.lines, self.n, self.shown = lines, 0, 0
+        self.start = self.last = time.time()
 
     def __iter__(self):
         for item in self.iterable:
@@ -38,11 +42,11 @@ class PlainProgress:
         self.n += n
         if not (self.lines and self.total):
             return
-        tenth = 10 * self.n // self.total
-        if tenth > self.shown:
-            self.shown = tenth
-            print(f'{self.desc}: {self.n}/{self.total} {self.unit} '
-                  f'({time.time() - self.start:.0f} s)', file=sys.stderr, flush=True)
+        tenth, now = 10 * self.n // self.total, time.time()
+        if tenth > self.shown and (self.n >= self.total or now - self.last >= self.EVERY):
+            self.shown, self.last = tenth, now
+            print(f'{self.desc}: {self.n}/{self.total} {self.unit} ({now - self.start:.0f} s)',
+                  file=sys.stderr, flush=True)
 
     def close(self):
         pass
