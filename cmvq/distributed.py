@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=N main.py [config] [--key=value ...]
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (python main.py) every
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (python3 main.py) every
 function here is the single-process no-op, so main.py runs as before. In a run of N
 processes each rank trains on batch_size / N items of every global batch and
 DistributedDataParallel averages the gradients; what else must agree across ranks
