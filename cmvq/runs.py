@@ -29,6 +29,7 @@ import model as models
 from cmvq import atomic, distributed
 from cmvq.config import RUNTIME_KEYS, TIMESTAMP_FORMAT, build_model, model_config
 from cmvq.errors import BadValueError, MissingError, UserError, one_line
+from cmvq.runtime import precision, resolve_device
 
 
 def save_pickle(path, obj):
@@ -181,7 +182,8 @@ def load_checkpoint(path, weights_only=True):
 
 def start_run(cfg, argv, fingerprint):
     """New run folder with log.txt, config.json, splits.json (fingerprint: what each
-    split holds, preflight.split_fingerprint) and environment.json, written first.
+    split holds, preflight.split_fingerprint) and environment.json (argv, versions, the
+    precision the run computes in), written first.
 
     Under torchrun rank 0 makes it and tells the others its name; they log nothing
     but a failure."""
@@ -198,7 +200,8 @@ def start_run(cfg, argv, fingerprint):
     save_json(run_dir / 'splits.json', fingerprint)
     save_json(run_dir / 'environment.json', {
         'argv': [sys.argv[0], *argv], 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-        'processes': ctx.world_size, 'versions': versions()})
+        'processes': ctx.world_size, 'precision': precision(cfg, resolve_device(cfg)),
+        'versions': versions()})
     return run_dir, log
 
 
