@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
 import av
@@ -225,9 +226,9 @@ def read_checkpoint(path):
         if refused:  # weights_only met a callable: what a crafted file would run
             raise BadValueError(f'{path} holds {refused[1]}, not only tensors and plain '
                                 'values: refused unread (weights_only=True)') from None
-        why = re.search(r'WeightsUnpickler error:\s*(.+)', str(e))
-        raise BadValueError(f'{path} cannot be read as a checkpoint (truncated or damaged?): '
-                            f'{why[1] if why else one_line(e).split(". ")[0][:200]}') from None
+        why = ('it is not a whole torch.save archive (truncated, or another format)'
+               if not zipfile.is_zipfile(path) else one_line(e).split('. ')[0][:200])
+        raise BadValueError(f'{path} cannot be read as a checkpoint: {why}') from None
 
 
 def load_checkpoint(path):
@@ -263,11 +264,17 @@ def load_weights(net, path, key='model'):
     state dict) into net; returns the checkpoint. A file of another model is one line
     naming it."""
     checkpoint = load_checkpoint(path)
+    where = f'{path} does not fit {type(net).__name__}'
     try:
-        net.load_state_dict(checkpoint if key is None else checkpoint[key])
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise BadValueError(f'{path} does not fit {type(net).__name__}: '
-                            f'{one_line(e)[:200]}') from None
+        missing, unexpected = net.load_state_dict(checkpoint if key is None else
+                                                  checkpoint[key], strict=False)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # shapes differ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise BadValueError(f'{where}: {lines[min(1, len(lines) - 1)][:200]}') from None
+    if missing or unexpected:
+        raise BadValueError(f'{where}: ' + '; '.join(
+            f'{len(keys)} {what} keys (e.g. {keys[0]})' for what, keys in
+            (('missing', missing), ('unexpected', unexpected)) if keys))
     return checkpoint
 
 
@@ -317,7 +324,8 @@ def logged(fn):
             if not ended:
                 log.error('Run failed:\n' + traceback.format_exc())
                 raise
-            error = UserError(f'{ended}; this process stopped with it ({one_line(e)[:200]})')
+            first = re.sub(r'^\[[^]]*\]\s*', '', one_line(e)).split('. ')[0]  # gloo's file:line off
+            error = UserError(f'{ended}; this process stopped with it ({first[:200]})')
             log.error(f'Run failed: {error}')
             raise error from None
         finally:

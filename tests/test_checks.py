@@ -191,7 +191,8 @@ def test_an_rml_clip_at_10_fps_is_refused(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- pretrained source
 
 @pytest.mark.parametrize('damage, words', [
-    ('truncate', r'model.pt cannot be read as a checkpoint \(truncated or damaged\?\)'),
+    ('truncate', r'model.pt cannot be read as a checkpoint: it is not a whole torch.save '
+                 r'archive \(truncated, or another format\)'),
     ('base_type 4', r'\(base_type 4\) holds none of the modules a transfer copies')])
 def test_the_pretrained_source_is_checked_before_the_run(rml_data, tiny_splits, tmp_path,
                                                          damage, words):
@@ -350,7 +351,8 @@ def test_make_features_weights_are_one_line(tmp_path):
     (tmp_path / 'text.pt').write_text('not a checkpoint')
     for name, words in (('missing.pt', 'missing.pt does not exist'),
                         ('text.pt', 'text.pt cannot be read as a checkpoint'),
-                        ('other.pt', r'other.pt does not fit ResNet: .*Missing key')):
+                        ('other.pt', r'other.pt does not fit ResNet: 102 missing keys '
+                                     r'\(e.g. conv1.weight\); 1 unexpected keys \(e.g. not\)')):
         with pytest.raises(UserError, match=words) as error:
             make_features.build_image_model('resnet18', str(tmp_path / name))
         assert '\n' not in str(error.value)
