@@ -449,11 +449,17 @@ def test_a_killed_torchrun_rank_is_named_by_the_others(tiny_splits, tmp_path):
     assert 'Traceback' not in (run / 'log.txt').read_text()
 
 
-def test_robustness_evaluates_a_two_stage_run(tiny_splits, tmp_path):
+def test_robustness_evaluates_a_two_stage_run(tiny_splits, tmp_path, monkeypatch):
+    from cmvq import robustness
     argv = tiny_splits(tmp_path / 'results')
     run = fake_run(argv, two_stage=True)
     refused([*argv, f'--timestamp={run.name}', '--robustness=True'],
             rf'evaluate the run with python3 main.py --timestamp={run.name} --robustness=True',
             script=main_separate.run)
+    few = [('none', 'clean', None), ('image', 'removed (zeros)', None),
+           ('image', 'noise sd', 0.05), ('audio', 'SNR dB', 20)]  # 4 of the 15: quicker
+    assert set(few) <= set(robustness.conditions())
+    monkeypatch.setattr(robustness, 'conditions', lambda: few)
     out = main.main([*argv, f'--timestamp={run.name}', '--robustness=True'])
-    assert out['num_samples'] == 7 and (run / 'robustness.json').is_file()
+    assert out['num_samples'] == 7 and len(out['results']) == len(few) == 4
+    assert (run / 'robustness.json').is_file()
