@@ -48,6 +48,20 @@ def rml_twin(tmp_path_factory):
     return root
 
 
+# rml_data's held-out subjects (the twin's s1 trains).
+HELD_OUT = dict(val_subjects=('s2',), test_subjects=('s3',))
+
+
+@pytest.fixture(scope='session')
+def rml_data(rml_twin, tmp_path_factory):
+    """by_user split configs of the tiny RML twin and their cache: (folder, cache)."""
+    from prepare import read_rml
+    path = tmp_path_factory.mktemp('rml_data')
+    read_rml.build_splits(rml_twin, path / 'by_user', split_by='user', workers=2,
+                          cache_dir=path / 'cache', progress=False, **HELD_OUT)
+    return path / 'by_user', path / 'cache'
+
+
 # Tiny widths and 1-2 epochs: the workflow tests check behaviour, not accuracy.
 TINY_RUN = ['--num_hiddens=16', '--num_residual_hiddens=4', '--embedding_dim=8',
             '--num_embeddings=16', '--batch_size=16', '--num_workers=0']
@@ -71,3 +85,30 @@ def tiny_splits(twin, tmp_path_factory):
 def tool_args(argv):
     """The --key=value arguments a tool that reads a saved run takes (config.TOOL_KEYS)."""
     return [a for a in argv if a.startswith('--') and a[2:].split('=')[0] in TOOL_KEYS]
+
+
+def fake_run(argv, name='20260101-000000', two_stage=False):
+    """A run folder in argv's results_dir, as main.py (two_stage: main_separate.py) leaves
+    it after training argv's config, with untrained checkpoints of epoch 1: config.json,
+    splits.json, environment.json, model.pt (model_vae.pt, model_solver.pt)."""
+    import torch
+
+    import model as models
+    from cmvq.config import build_model
+    from cmvq.experiment import resolve_run
+    from cmvq.preflight import split_fingerprint
+    from cmvq.runs import save_json
+    from cmvq.runtime import precision, resolve_device
+    cfg = resolve_run(main.header(), argv)
+    run = Path(cfg['results_dir']) / name
+    run.mkdir(parents=True)
+    save_json(run / 'config.json', cfg)
+    save_json(run / 'splits.json', split_fingerprint(cfg))
+    save_json(run / 'environment.json', {'precision': precision(cfg, resolve_device(cfg))})
+    torch.manual_seed(0)
+    nets = ({'model_vae.pt': models.build_vqvae(model_config(cfg)),
+             'model_solver.pt': models.build_solver(model_config(cfg))} if two_stage
+            else {'model.pt': build_model(cfg)})
+    for file, net in nets.items():
+        torch.save({'model': net.state_dict(), 'config': cfg, 'epoch': 1}, run / file)
+    return run

@@ -106,18 +106,6 @@ def test_twin_refuses_a_foreign_folder(rml_twin, tmp_path):
 
 # ----------------------------------------------------------------------------- splits
 
-HELD_OUT = dict(val_subjects=('s2',), test_subjects=('s3',))
-
-
-@pytest.fixture(scope='module')
-def rml_data(rml_twin, tmp_path_factory):
-    """by_user split configs of the tiny RML twin and their cache: (folder, cache)."""
-    path = tmp_path_factory.mktemp('rml_data')
-    read_rml.build_splits(rml_twin, path / 'by_user', split_by='user', workers=2,
-                          cache_dir=path / 'cache', progress=False, **HELD_OUT)
-    return path / 'by_user', path / 'cache'
-
-
 def test_by_user_split_holds_out_disjoint_subjects(rml_data, rml_twin):
     data, _ = rml_data
     subjects = {}
