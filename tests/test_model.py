@@ -1,8 +1,11 @@
 """Tests for model.py: shapes, masks, quantizers, state handling, builders, parity.
 
-Small widths keep the file fast on CPU; only the parity test builds paper size.
+Small widths keep the file fast on CPU; only the parity test builds paper size. The
+method's gradients and updates against their formulas: test_method.py.
 """
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -166,16 +169,6 @@ def test_randomizer_is_binary_and_fresh():
     assert not torch.equal(first, second)
 
 
-@pytest.mark.parametrize('threshold_fn', M.THRESHOLD_FNS)
-def test_mask_receives_gradient(threshold_fn):
-    model = small_model(0, threshold_fn=threshold_fn, mask_init='uniform')
-    image, audio = batch()
-    train_loss(model(image, audio), image, audio).backward()
-    grad = model.solver.mask.grad
-    assert grad is not None and grad.shape == (2 * D, 1, 1)
-    assert grad.abs().sum() > 0
-
-
 @pytest.mark.parametrize('threshold_fn', ['binarizer', 'ternarizer'])
 def test_model_mask_values(threshold_fn):
     model = small_model(0, threshold_fn=threshold_fn, mask_init='uniform', mask_scale=1.0)
@@ -276,12 +269,16 @@ def make_vq(decay):
 
 
 @pytest.mark.parametrize('decay', [0.0, 0.9])
-def test_perplexity_bounds_and_straight_through(decay):
+def test_perplexity_and_straight_through(decay):
     vq = make_vq(decay)
     z = torch.randn(4, D, 6, 6, requires_grad=True)
     codebook = vq.codebook.detach().clone()  # EMA updates it during forward
     out = vq(z)
-    assert 1.0 - 1e-5 <= out.perplexity.item() <= K + 1e-3
+    usage = torch.bincount(out.indices.flatten(), minlength=K).numpy()  # (K,) code counts
+    assert (usage > 0).sum() > 1
+    # exp(entropy of the batch's code usage), entropy in nats
+    assert out.perplexity.item() == pytest.approx(np.exp(scipy.stats.entropy(usage)),
+                                                  rel=1e-5)
     assert out.quantized.shape == z.shape and out.indices.shape == (4, 6, 6)
     codes = codebook[out.indices].movedim(-1, 1)  # (4, D, 6, 6)
     assert torch.allclose(out.quantized, codes, atol=1e-6)
@@ -294,26 +291,6 @@ def test_single_code_perplexity_is_one():
     out = vq(vq.codebook[3].detach().reshape(1, D, 1, 1).expand(2, D, 3, 3))
     assert out.perplexity.item() == pytest.approx(1.0)
     assert (out.indices == 3).all()
-
-
-def test_plain_codebook_gets_gradient():
-    vq = make_vq(0.0)
-    vq(torch.randn(2, D, 4, 4)).loss.backward()
-    assert vq.embedding.weight.grad.abs().sum() > 0
-
-
-def test_ema_moves_codes_toward_assigned_vectors():
-    vq = make_vq(0.9)
-    z = torch.randn(4, D, 6, 6) + 3.0
-    flat = z.movedim(1, -1).reshape(-1, D)
-    before = vq.codebook.clone()
-    for _ in range(20):
-        out = vq(z)
-    used = out.indices.unique()
-    for code in used.tolist():
-        target = flat[out.indices.flatten() == code].mean(0)
-        assert (vq.codebook[code] - target).norm() < (before[code] - target).norm()
-    assert not vq.embedding.requires_grad and not list(vq.parameters())
 
 
 def test_ema_is_frozen_in_eval_mode():
