@@ -3,14 +3,18 @@
 Small widths keep the file fast on CPU; only the parity test builds paper size. The
 method's gradients and updates against their formulas: test_method.py.
 """
+import json
+
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from torchvision.models import ResNet18_Weights
 
 import model as M  # conftest.py puts the repository root on sys.path
 import model_feat as MF
+from cmvq.released import released_names
 from conftest import PAPER
 
 SMALL = {'num_hiddens': 16, 'num_residual_hiddens': 8, 'num_residual_layers': 1,
@@ -376,12 +380,75 @@ def test_constructors_are_keyword_only():
 
 # ---------------------------------------------------------------- parity
 
+# Released state-dict entries that are buffers there: BatchNorm statistics, EMA sizes.
+RELEASED_BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked', '_ema_cluster_size')
+
+
+@pytest.mark.parametrize('name', ['model_ema', 'model_plain', 'baseline2'])
+def test_trainable_parameters_are_the_released_ones(name, shared):
+    """Built from a released fixture's config, the model trains exactly the released
+    parameters that a training step's gradient reaches (train_step_NAME, same config),
+    with their sizes. The released code also counts its EMA codebook and code sums as
+    parameters (no gradient reaches them); the project keeps those in buffers."""
+    orig = shared / 'cm-vqvae-orig'
+    index = json.loads((orig / 'index.json').read_text())
+    assert index[name]['config'] == index['train_step'][name]['config']
+    state = torch.load(orig / f'{name}.pt', map_location='cpu', weights_only=True)
+    net = M.build_model({**index[name]['config'], 'num_classes': C})
+    names = released_names(net)
+    ours = {names[k]: p.numel() for k, p in net.named_parameters() if p.requires_grad}
+    with_grad = index['train_step'][name]['params_with_grad']
+    assert ours == {k: state[k].numel() for k in with_grad}
+    assert M.count_parameters(net) == sum(state[k].numel() for k in with_grad)
+    released_parameters = {k for k in state if not k.endswith(RELEASED_BUFFERS)}
+    ema = [f'_vq_vae_{m}.{p}' for m in M.MODALITIES for p in ('_ema_w', '_embedding.weight')]
+    assert released_parameters - set(with_grad) == \
+        (set(ema) if index[name]['config']['decay'] > 0 else set())
+
+
+def conv(k, cin, cout, bias=True):
+    """Weights and bias of a k x k (transposed) convolution or a linear layer (k = 1)."""
+    return k * k * cin * cout + bias * cout
+
+
+def stack(c, r, layers):
+    """Residual stack: per block BN(c), conv3x3 c->r, BN(r), conv1x1 r->c (no biases);
+    then BN(c). A BatchNorm has 2 c parameters."""
+    return layers * (2 * c + conv(3, c, r, False) + 2 * r + conv(1, r, c, False)) + 2 * c
+
+
+def head(features, classes):
+    """fc features->256, BatchNorm1d(256), fc 256->classes."""
+    return conv(1, features, 256) + 2 * 256 + conv(1, 256, classes)
+
+
+def paper_count(cfg):
+    """Trainable parameters of cfg's model, counted from the architecture of DESIGN.md
+    section 4 (not from the implementation); base_type 4 from torchvision's published
+    ResNet18 size."""
+    h, r, layers = cfg['num_hiddens'], cfg['num_residual_hiddens'], cfg['num_residual_layers']
+    d, k, c = cfg['embedding_dim'], cfg['num_embeddings'], cfg['num_classes']
+    used = M.used_modalities(cfg['mode'])
+    if cfg['base_type'] == 4:
+        resnet18 = ResNet18_Weights.IMAGENET1K_V1.meta['num_params'] - conv(1, 512, 1000)
+        audio_conv1 = conv(7, 3, 64, False) - conv(7, 1, 64, False)  # 1 input channel
+        return len(used) * resnet18 - ('audio' in used) * audio_conv1 + head(512 * len(used), c)
+    encoder = {m: conv(4, channels, h // 2) + 2 * (h // 2) + conv(4, h // 2, h) + 2 * h
+               + conv(3, h, h) + stack(h, r, layers) + conv(1, h, d)   # + pre-VQ conv
+               for m, channels in (('image', 3), ('audio', 1))}
+    decoder = conv(3, d, h) + stack(h, r, layers) + conv(4, h, h // 2) + 2 * (h // 2)
+    decoder = {'image': decoder + conv(4, h // 2, 3),
+               'audio': decoder + conv(4, h // 2, h // 4) + 2 * (h // 4) + conv(4, h // 4, 1)}
+    solver = (conv(3, d * len(used), d // 2) + 2 * (d // 2) + conv(3, d // 2, d // 2)
+              + stack(d // 2, r // 4, layers) + head(d // 2 * 8 * 8, c))
+    mask = 2 * d if cfg['base_type'] in (0, 3) else 0
+    if cfg['base_type'] in (1, 3):   # encoders and pre-VQ convs of the used modalities only
+        return sum(encoder[m] for m in used) + solver + mask
+    codebooks = 0 if cfg['decay'] > 0 else 2 * k * d   # EMA codes live in buffers
+    return sum(encoder.values()) + sum(decoder.values()) + codebooks + solver + mask
+
 
 def test_paper_parameter_counts():
-    from tools.parity import parity_counts
-    assert parity_counts() == {
-        'Model decay=0': 2_000_842, 'Model decay=0.99': 1_935_306,
-        'Model image-only decay=0': 1_982_410, 'Model audio-only decay=0': 1_982_410,
-        'base_type 1': 1_322_854, 'base_type 2 decay=0': 2_000_714,
-        'base_type 3': 1_322_982, 'base_type 4': 22_611_206,
-    }
+    from tools.parity import VARIANTS, parity_counts
+    expected = {name: paper_count({**PAPER, **change}) for name, change in VARIANTS.items()}
+    assert parity_counts() == expected
