@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic CREMA-D and RML twins, made once per test session."""
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,26 @@ def tiny_splits(twin, tmp_path_factory):
 def tool_args(argv):
     """The --key=value arguments a tool that reads a saved run takes (config.TOOL_KEYS)."""
     return [a for a in argv if a.startswith('--') and a[2:].split('=')[0] in TOOL_KEYS]
+
+
+# The loss terms (and perplexities) a run logs per base_type, regularization on:
+# 1 no reconstruction, VQ or mask term; 2 no mask term; 3 no reconstruction or VQ term.
+VQ_VAE_TERMS = {'recon_error1', 'recon_error2', 'vq_loss', 'perplexity1', 'perplexity2'}
+LOGGED_TERMS = {0: {'loss', 'class_error', 'mask_regularization', *VQ_VAE_TERMS},
+                1: {'loss', 'class_error'}, 2: {'loss', 'class_error', *VQ_VAE_TERMS},
+                3: {'loss', 'class_error', 'mask_regularization'}, 4: {'loss', 'class_error'}}
+
+
+def check_ablation_run(run_dir, test, eval_args):
+    """A finished main.py run logged the terms of its base_type's ablation, and
+    evaluating its timestamp again (eval_args: the machine settings) reproduces its
+    test metrics."""
+    base_type = json.loads((run_dir / 'config.json').read_text())['base_type']
+    history = json.loads((run_dir / 'history.json').read_text())
+    assert set(history['train']) == LOGGED_TERMS[base_type]
+    assert set(history['val']) == LOGGED_TERMS[base_type] | {'accuracy', 'macro_f1'}
+    again = main.main([*eval_args, f'--timestamp={run_dir.name}'])
+    for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'per_class_accuracy', 'mask'):
+        assert again[key] == test[key], key
+    for key in LOGGED_TERMS[base_type]:
+        assert again[key] == pytest.approx(test[key], rel=1e-6), key
