@@ -162,6 +162,9 @@ def trained_state():
 
 def test_a_probe_keeping_all_channels_reproduces_the_model():
     net = trained_state()
+    net.set_mask(torch.tensor([0.0, 0.01] * D))   # private and shared channels alternate
+    ratios = net.mask_ratios()
+    assert ratios['private1'] == ratios['shared2'] == 25.0
     probe = M.build_probe(model_config(config()), keep='all')
     probe.load_state_dict(net.state_dict())
     image, audio = batch(3)
