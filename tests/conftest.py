@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic CREMA-D and RML twins, made once per test session."""
+import json
 import sys
 from pathlib import Path
 
@@ -8,8 +9,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
 sys.path.insert(0, str(REPO))
 
-import main  # noqa: E402 - after the checkout is on sys.path
-from cmvq.config import TOOL_KEYS, model_config  # noqa: E402
+import torch  # noqa: E402 - the project's imports come after the checkout is on sys.path
+
+import main  # noqa: E402
+import model as models  # noqa: E402
+from cmvq.config import TOOL_KEYS, build_model, model_config  # noqa: E402
+from cmvq.experiment import resolve_run  # noqa: E402
+from cmvq.preflight import split_fingerprint  # noqa: E402
+from cmvq.runs import save_json  # noqa: E402
+from cmvq.runtime import precision, resolve_device  # noqa: E402
 
 # The model settings of main.py's header (the paper's widths), with num_classes.
 PAPER = model_config(main.header())
@@ -91,14 +99,6 @@ def fake_run(argv, name='20260101-000000', two_stage=False):
     """A run folder in argv's results_dir, as main.py (two_stage: main_separate.py) leaves
     it after training argv's config, with untrained checkpoints of epoch 1: config.json,
     splits.json, environment.json, model.pt (model_vae.pt, model_solver.pt)."""
-    import torch
-
-    import model as models
-    from cmvq.config import build_model
-    from cmvq.experiment import resolve_run
-    from cmvq.preflight import split_fingerprint
-    from cmvq.runs import save_json
-    from cmvq.runtime import precision, resolve_device
     cfg = resolve_run(main.header(), argv)
     run = Path(cfg['results_dir']) / name
     run.mkdir(parents=True)
@@ -112,3 +112,26 @@ def fake_run(argv, name='20260101-000000', two_stage=False):
     for file, net in nets.items():
         torch.save({'model': net.state_dict(), 'config': cfg, 'epoch': 1}, run / file)
     return run
+
+
+# The loss terms (and perplexities) a run logs per base_type, regularization on:
+# 1 no reconstruction, VQ or mask term; 2 no mask term; 3 no reconstruction or VQ term.
+VQ_VAE_TERMS = {'recon_error1', 'recon_error2', 'vq_loss', 'perplexity1', 'perplexity2'}
+LOGGED_TERMS = {0: {'loss', 'class_error', 'mask_regularization', *VQ_VAE_TERMS},
+                1: {'loss', 'class_error'}, 2: {'loss', 'class_error', *VQ_VAE_TERMS},
+                3: {'loss', 'class_error', 'mask_regularization'}, 4: {'loss', 'class_error'}}
+
+
+def check_ablation_run(run_dir, test, eval_args):
+    """A finished main.py run logged the terms of its base_type's ablation, and
+    evaluating its timestamp again (eval_args: the machine settings) reproduces its
+    test metrics."""
+    base_type = json.loads((run_dir / 'config.json').read_text())['base_type']
+    history = json.loads((run_dir / 'history.json').read_text())
+    assert set(history['train']) == LOGGED_TERMS[base_type]
+    assert set(history['val']) == LOGGED_TERMS[base_type] | {'accuracy', 'macro_f1'}
+    again = main.main([*eval_args, f'--timestamp={run_dir.name}'])
+    for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'per_class_accuracy', 'mask'):
+        assert again[key] == test[key], key
+    for key in LOGGED_TERMS[base_type]:
+        assert again[key] == pytest.approx(test[key], rel=1e-6), key
