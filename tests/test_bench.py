@@ -6,11 +6,7 @@ import pytest
 from tools import bench
 import model as models
 from cmvq.configurator import ConfigError
-from conftest import PAPER
-
-# Paper layout at toy widths: the inputs keep their real sizes, the convs get cheap.
-TINY_MODEL = {**PAPER, 'num_hiddens': 8, 'num_residual_hiddens': 4,
-              'embedding_dim': 8, 'num_embeddings': 16}
+from conftest import PAPER, TINY_MODEL
 
 
 @pytest.fixture(scope='module')

@@ -364,6 +364,35 @@ def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeyp
     assert 'Config:' in text and 'Run failed' in text and 'non-finite loss' in text
 
 
+class FailingCompiled(torch.nn.Module):
+    """What torch.compile returns in the test below: a step that changes the model's
+    state and RNG (the eager forward) and then fails, as compiling once did."""
+
+    def __init__(self, net):
+        super().__init__()
+        self._orig_mod = net  # torch.compile's OptimizedModule keeps the model there
+
+    def forward(self, *inputs):
+        self._orig_mod(*inputs)
+        raise RuntimeError('permute(sparse_coo): number of dimensions ...\nTraceback of it')
+
+
+def test_a_failing_first_compiled_step_falls_back_to_eager(run, workdir, monkeypatch, capsys):
+    """One log line, no traceback, and the eager run's numbers: the failed attempt's
+    changes (BatchNorm statistics, EMA codebooks, dropout draws) are undone."""
+    monkeypatch.setattr(torch, 'compile', lambda net, **options: FailingCompiled(net))
+    test = main.main(args(workdir, '--num_epoch=2', '--compile=True'))
+    run_dir, eager = newest_run(workdir), run[0]
+    log = (run_dir / 'log.txt').read_text()
+    assert log.count('compile=True: the first compiled step failed (RuntimeError: '
+                     'permute(sparse_coo): number of dimensions ...); training without '
+                     'torch.compile') == 1
+    assert 'Traceback' not in log + capsys.readouterr().err
+    ours, theirs = (json.loads((d / 'history.json').read_text()) for d in (run_dir, eager))
+    assert ours['train'] == theirs['train'] and ours['val'] == theirs['val']
+    assert test['confusion_matrix'] == run[1]['confusion_matrix']
+
+
 def test_reevaluation_refuses_a_changed_test_split(run, workdir, tmp_path):
     """data_path re-split after training, so that the run trained on test clips:
     refused, unless allowed (then the result says so)."""
