@@ -107,7 +107,7 @@ def evaluate_saved(cfg, run_dir, log):
         log(f'WARNING: {changed}; evaluating anyway (allow_split_change=True)')
     seed_everything(cfg['seed'])
     runtime = Runtime(cfg)
-    loader = make_loaders(cfg, runtime, splits=('test',))['test']
+    loader = make_loaders(cfg, runtime, splits=('test',), log=log)['test']
     net, epoch = load_model(cfg, run_dir, runtime)
     test = evaluate(net, loader, runtime, train_variances(cfg), cfg, groups=True)
     if changed:

@@ -32,8 +32,7 @@ def setup(cfg, log):
     seed_everything(cfg['seed'])
     runtime = Runtime(cfg)
     log(runtime.describe())
-    with distributed.main_first():  # rank 0 builds a missing cache, the others then open it
-        loaders = make_loaders(cfg, runtime)
+    loaders = make_loaders(cfg, runtime, log=log)
     variances = train_variances(cfg)
     log(f'Data: {cfg["data_path"]}: ' + ', '.join(
         f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
