@@ -68,8 +68,8 @@ def prepare_data(cfg):
     """The demo's data: a synthetic twin and its split configs, made if missing."""
     if cfg['twin_actors']:
         prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
-                     workers=max(1, cfg['num_workers']), cache_dir=cfg['cache_dir'],
-                     frame_jitter=frame_jitter(cfg), num_actors=cfg['twin_actors'])
+                     cache_dir=cfg['cache_dir'], frame_jitter=frame_jitter(cfg),
+                     num_actors=cfg['twin_actors'])
 
 
 @logged

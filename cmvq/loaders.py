@@ -36,7 +36,7 @@ def dataset_options(cfg):
         return {'layer': cfg['layer']}
     options = {'root': cfg.get('media_root'), 'cache': cfg['cache'],
                'cache_dir': cfg['cache_dir'], 'frame_jitter': frame_jitter(cfg),
-               'workers': max(1, cfg['num_workers']), 'seed': cfg['seed']}
+               'seed': cfg['seed']}
     if cfg['dataset'] in datasets.RML_DATASETS:
         options.update(modify_modal=cfg['modify_modal'],
                        audio_geometry=cfg.get('audio_geometry') or 'RML')

@@ -215,8 +215,7 @@ def warm_up_librosa():
 def prepare_bench_twin(cfg):
     """The bench twin (full-length clips: moviepy's audio reader fails on clips under
     1 s) and its split configs with the train cache, made if missing."""
-    prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
-                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+    prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'], cache_dir=cfg['cache_dir'],
                  num_actors=cfg['twin_actors'], duration_scale=1.0)
 
 
@@ -681,8 +680,7 @@ class GpuUtilization:
 def prepare_full(cfg):
     """The full-size twin (like ../shared/crema-d) and its split configs and cache."""
     prepare_twin(cfg['full_root'], cfg['full_data_path'], seed=cfg['seed'],
-                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
-                 like=str(SHARED_CREMAD))
+                 cache_dir=cfg['cache_dir'], like=str(SHARED_CREMAD))
 
 
 def main_config(cfg, data_on_gpu):
