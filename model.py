@@ -42,7 +42,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 MODES = ('multimodal', 'image-only', 'audio-only')
@@ -736,6 +735,7 @@ class ModelComparison(ModelBase):
 
 def _resnet18(modality):
     """torchvision ResNet18 without fc: (B, C, H, W) -> (B, 512) pooled features."""
+    import torchvision  # here, not on top: its import (~1 s) is needed for base_type 4 only
     net = torchvision.models.resnet18(weights=None)
     if modality == 'audio':
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
