@@ -63,6 +63,8 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
     are checked every FINITE_CHECK_STEPS steps and at the end (check_finite)."""
     training = optimizer is not None
     criterion = class_criterion(cfg['dataset'])
+    if not runtime.compile:  # compile=False, or its first step failed (first_compiled_step)
+        model = uncompiled(model)
     model.train(training)
     plain = distributed.unwrap(model)
     history, preds, targets, sizes, checked = {}, [], [], [], 0
@@ -258,7 +260,7 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
         set_epoch(loaders['train'], epoch)
         train, preds, targets, _ = run_epoch(trainer, loaders['train'], runtime, variances,
                                              cfg, optimizer, desc=f'epoch {epoch} train')
-        if trainer is not wrapped and not runtime.compile:  # its first step fell back
+        if trainer is not wrapped and runtime.compile_failure:  # its first step fell back
             log(runtime.compile_failure)
             trainer = wrapped
         val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')
