@@ -91,6 +91,13 @@ class Runtime:
         return text
 
 
+def synchronize(device):
+    """Wait for the work queued on a CUDA device (no-op on the CPU), so that a clock
+    read afterwards covers it."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def uncompiled(model):
     """model without its torch.compile wrapper (OptimizedModule), if it has one."""
     return getattr(model, '_orig_mod', model)
