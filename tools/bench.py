@@ -68,6 +68,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -537,12 +538,28 @@ def measure_train_cuda(model_cfg, *, base_types, compile_base_types, batch_size,
             net = models.build_model({**model_cfg, 'base_type': b})
             timer = StepTimer(net, runtime, batch_size=batch_size,
                               warmup=max(warmup, 3 * compiled), seed=seed)
-            seconds, memory = timer.time(steps)
-            rows.append(train_row(f'Model (base_type {b})', b, timer, seconds, steps, memory))
+            with host_syncs() as syncs:
+                seconds, memory = timer.time(steps)
+            rows.append(train_row(f'Model (base_type {b})', b, timer, seconds, steps, memory,
+                                  host_syncs=len(syncs)))
             del timer, net
             gc.collect()
             torch.cuda.empty_cache()
     return rows
+
+
+@contextmanager
+def host_syncs():
+    """Yields the list of the warnings CUDA's sync debug mode gives for each operation that
+    waits for the device. A timed run_epoch has a few at its end (the loss check, the
+    history's copy to the host) and should have none per step."""
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            yield caught
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
 
 
 def step_costs(model_cfg, base_types):
@@ -686,8 +703,8 @@ COLUMNS = {
               ('samples/s', 'samples_per_s', '{:.2f}'), ('ms/step', 'ms_per_step', '{:.0f}'),
               ('CPU ms/step', 'cpu_ms_per_step', '{:.0f}'),
               ('warm-up s', 'warmup_seconds', '{:.1f}'), ('peak MB', 'peak_mb', '{:.0f}'),
-              ('TFLOP/s', 'tflops', '{:.3f}'),
-              ('% of peak', 'peak_percent', '{:.1f}')],
+              ('TFLOP/s', 'tflops', '{:.3f}'), ('% of peak', 'peak_percent', '{:.1f}'),
+              ('host syncs per timing', 'host_syncs', '{}')],
     'peaks': [('device', 'device', '{}'), ('precision', 'precision', '{}'),
               ('matmul TFLOP/s', 'tflops', '{:.2f}')],
     'profile': [('operator', 'op', '{}'), ('device', 'device', '{}'),
