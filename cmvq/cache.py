@@ -280,7 +280,8 @@ def _fill_cache(folder, paths, params, workers, progress, decoder):
             _open_cache(folder, decoder)
             results = map(_cache_one, jobs)
         else:
-            pool = process_pool(workers, _worker_init, (folder, decoder))
+            # BLAS as in the main process: its thread count changes the log-mels' last bits
+            pool = process_pool(workers, _worker_init, (folder, decoder), blas=False)
             results = pool.map(_cache_one, jobs, chunksize=4)
         try:
             for i, reason in results:

@@ -135,7 +135,7 @@ def _decode_centres(paths, backend, workers, decoder=None):
     if workers <= 1:
         yield from map(_decode_centre, jobs)
         return
-    with process_pool(workers) as pool:
+    with process_pool(workers, blas=False) as pool:  # log-mels as in the main process
         yield from pool.map(_decode_centre, jobs, chunksize=4)
 
 

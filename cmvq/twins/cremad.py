@@ -307,7 +307,7 @@ def probe_features(root, workers=1):
     names = _listing(root)
     paths = [root / 'VideoFlash' / f'{n}.flv' for n in names]
     if workers > 1:
-        with process_pool(workers) as pool:
+        with process_pool(workers, blas=False) as pool:  # log-mels as in the main process
             feats = list(pool.map(clip_features, paths, chunksize=8))
     else:
         feats = [clip_features(p) for p in paths]
