@@ -27,7 +27,6 @@ import librosa
 import numpy as np
 import torch
 from PIL import Image
-from scipy.signal import resample_poly
 from torch.utils.data import Dataset, Sampler
 
 from cmvq import cache, media, pickles
@@ -375,6 +374,7 @@ def rml_audio(audio, rate, geometry='RML'):
         start = (len(audio) - keep) // 2
         audio = audio[start:start + keep]
     if rate != target:
+        from scipy.signal import resample_poly  # here: scipy.signal takes a second to import
         g = gcd(int(rate), int(target))
         audio = resample_poly(audio, target // g, int(rate) // g)
     return np.asarray(audio, np.float32), target

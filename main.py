@@ -67,7 +67,8 @@ compile = False             # torch.compile the model (True, False); off with a 
 sync_bn = True              # torchrun: BatchNorm statistics of the global batch (True, False)
 cache = True                # decode each clip once into cache_dir (True, False)
 cache_dir = 'cache'         # decode-once cache folder (memory-mapped arrays)
-data_on_gpu = False         # CUDA + cache: keep the cached arrays on the GPU, sample there
+data_on_gpu = 'auto'        # 'auto' (on with CUDA + cache when the arrays fit in half the
+#                             free GPU memory), True (keep them on the GPU), False
 frame_jitter = None         # training frame within +-frame_jitter of the centre frame;
 #                             None: the dataset's (CREMA-D 15, RML 22)
 results_dir = 'results'     # run folders go to results_dir/<timestamp>

@@ -42,7 +42,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 MODES = ('multimodal', 'image-only', 'audio-only')
@@ -115,10 +114,20 @@ def _nearest_code(flat, codebook):
     return dist.argmin(1)
 
 
+def _code_counts(indices, num_embeddings, dtype=torch.float32):
+    """How often each code is used: indices (N,) -> (K,) counts, exact below 2**24.
+
+    A scatter-add, not torch.bincount: bincount's output size depends on the data,
+    which splits a torch.compile graph there (and the split tripped torch 2.14 on
+    channels_last bf16 inputs)."""
+    ones = torch.ones_like(indices, dtype=dtype)
+    return torch.zeros(num_embeddings, dtype=dtype, device=indices.device).index_add_(
+        0, indices, ones)
+
+
 def _perplexity(indices, num_embeddings):
     """exp(entropy) of the batch's code usage: 1 (one code) .. K (uniform)."""
-    probs = torch.bincount(indices, minlength=num_embeddings).float()
-    probs = probs / indices.numel()
+    probs = _code_counts(indices, num_embeddings) / indices.numel()
     return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
 
 
@@ -209,7 +218,7 @@ class VectorQuantizerEMA(_Quantizer):
     def _update(self, flat, indices):
         """EMA of cluster sizes (K,) and code sums (K, D); codes = sums / sizes."""
         k, decay, eps = self.num_embeddings, self.decay, self.epsilon
-        counts = torch.bincount(indices, minlength=k).to(flat.dtype)       # (K,)
+        counts = _code_counts(indices, k, flat.dtype)                     # (K,)
         code_sums = torch.zeros_like(self.ema_w).index_add_(0, indices, flat)  # (K, D)
         counts, code_sums = _sum_over_processes(counts, code_sums)
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
@@ -726,6 +735,7 @@ class ModelComparison(ModelBase):
 
 def _resnet18(modality):
     """torchvision ResNet18 without fc: (B, C, H, W) -> (B, 512) pooled features."""
+    import torchvision  # here, not on top: its import (~1 s) is needed for base_type 4 only
     net = torchvision.models.resnet18(weights=None)
     if modality == 'audio':
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -32,11 +31,12 @@ import numpy as np
 from cmvq import atomic, media
 from cmvq.atomic import file_key
 from cmvq.errors import NoSpaceError
+from cmvq.pools import available_cores, process_pool
 from cmvq.progress import progress_bar
 
 CACHE_VERSION = 3
 HASH_BYTES = 64 * 1024  # content_hash reads this much at each end of a clip
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+DEFAULT_WORKERS = available_cores()  # decoding processes
 
 
 def fingerprint(paths, params):
@@ -281,8 +281,8 @@ def _fill_cache(folder, paths, params, workers, progress, decoder):
             _open_cache(folder, decoder)
             results = map(_cache_one, jobs)
         else:
-            pool = ProcessPoolExecutor(workers, initializer=_worker_init,
-                                       initargs=(folder, decoder))
+            # BLAS as in the main process: its thread count changes the log-mels' last bits
+            pool = process_pool(workers, _worker_init, (folder, decoder), blas=False)
             results = pool.map(_cache_one, jobs, chunksize=4)
         try:
             for i, reason in results:

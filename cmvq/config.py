@@ -14,6 +14,7 @@ import model as models
 from model_feat import build_model_feat
 from cmvq import distributed
 from cmvq.configurator import ConfigError, configure
+from cmvq.loaders import DEVICE_DATASETS
 from cmvq.loss import RECON_LOSSES
 from cmvq.runtime import resolve_device
 
@@ -169,7 +170,7 @@ CHOICES = {
     'sync_bn': (True, False),
     'cache': (True, False),
     'cache_dir': _folder,
-    'data_on_gpu': (False, True),
+    'data_on_gpu': ('auto', False, True),
     'frame_jitter': _frame_jitter,
     'results_dir': _folder,
     'tensorboard': (False, True),
@@ -210,10 +211,11 @@ def check_config(cfg):
          f"audio_geometry applies to RML only; with {cfg['dataset']} it must be None"),
         (cfg['subsample'] is not None and cfg['dataset'] != 'EmoVoxCeleb',
          f"subsample applies to EmoVoxCeleb only; with {cfg['dataset']} it must be None"),
-        (cfg['data_on_gpu'] and (cfg['dataset'] not in ('CREMA-D', 'RML') or cfg['modify_modal']),
+        (cfg['data_on_gpu'] is True and (cfg['dataset'] not in DEVICE_DATASETS
+                                         or cfg['modify_modal']),
          f"data_on_gpu=True samples from the CREMA-D or RML cache without modify_modal; with "
-         f"{cfg['dataset']} (modify_modal={cfg['modify_modal']}) it must be False"),
-        (cfg['data_on_gpu'] and not cfg['cache'],
+         f"{cfg['dataset']} (modify_modal={cfg['modify_modal']}) it must be 'auto' or False"),
+        (cfg['data_on_gpu'] is True and not cfg['cache'],
          'data_on_gpu=True needs cache=True (it samples from the cache)'),
         (cfg['dataset'] == 'RML_feat' and cfg['base_type'] not in (0, 2),
          f"dataset='RML_feat' supports base_type 0 and 2, not {cfg['base_type']!r}"),
@@ -221,8 +223,8 @@ def check_config(cfg):
     for broken, message in rules:
         if broken:
             raise ConfigError(message)
-    if cfg['data_on_gpu'] and resolve_device(cfg).type != 'cuda':
-        raise ConfigError("data_on_gpu=True needs a CUDA device; it is off on 'cpu'")
+    if cfg['data_on_gpu'] is True and resolve_device(cfg).type != 'cuda':
+        raise ConfigError("data_on_gpu=True needs a CUDA device; use 'auto' or False on 'cpu'")
     check_distributed(cfg, distributed.context())
 
 

@@ -19,7 +19,6 @@ from cmvq.cache import DEFAULT_WORKERS
 from cmvq.errors import BadValueError, ExistsError, MissingError
 from cmvq.splits import (PAPER_SIZES, SPLITS, check_usable, format_counts, split_counts,
                          validate_splits, write_split_folder)
-from cmvq.twins import cremad as twin
 
 # Clips of CREMA-D that cannot be used (the released code's list).
 FAULTY = ('1064_TIE_SAD_XX', '1064_IEO_DIS_MD', '1076_MTI_NEU_XX', '1076_MTI_SAD_XX')
@@ -180,6 +179,9 @@ def prepare_twin(twin_root, data_path, *, seed=0, workers=DEFAULT_WORKERS, cache
     if (Path(data_path) / 'train_videos.pkl').is_file():
         return
     print(f'{data_path} is missing: making a synthetic twin at {twin_root} and its splits')
+    # here, not on top: the renderer's imports (scipy.signal, scikit-learn) cost every
+    # demo run a second, and a run whose data exist never renders
+    from cmvq.twins import cremad as twin
     twin.generate(root=twin_root, seed=seed, workers=workers, progress=progress, **options)
     build_splits(twin_root, data_path, seed=seed, workers=workers, cache_dir=cache_dir,
                  frame_jitter=frame_jitter, progress=progress)

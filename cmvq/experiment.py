@@ -78,8 +78,8 @@ def prepare_data(cfg):
     """The demo's data: a synthetic twin and its split configs, made if missing."""
     if cfg['twin_actors']:
         prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
-                     workers=max(1, cfg['num_workers']), cache_dir=cfg['cache_dir'],
-                     frame_jitter=frame_jitter(cfg), num_actors=cfg['twin_actors'])
+                     cache_dir=cfg['cache_dir'], frame_jitter=frame_jitter(cfg),
+                     num_actors=cfg['twin_actors'])
 
 
 @logged
@@ -122,7 +122,7 @@ def evaluate_saved(cfg, run_dir, log):
         log(f'WARNING: {changed}; evaluating anyway (allow_split_change=True)')
     seed_everything(cfg['seed'])
     runtime = Runtime(cfg)
-    loader = make_loaders(cfg, runtime, splits=('test',))['test']
+    loader = make_loaders(cfg, runtime, splits=('test',), log=log)['test']
     net, epoch = load_model(cfg, run_dir, runtime)
     test = evaluate(net, loader, runtime, train_variances(cfg), cfg, groups=True)
     if changed:

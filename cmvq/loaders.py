@@ -3,6 +3,10 @@
 A training loader's draws (shuffle order, frames) are a function of (seed, epoch):
 set_epoch(loader, epoch) before each epoch. Evaluation loaders yield every item in
 order. Under torchrun each process loads its share (see make_loader).
+
+data_on_gpu='auto' (resolve_data_on_gpu) samples from the decode-once cache held in
+GPU memory (DeviceLoader) when the device is CUDA, the dataset has a cache and the
+arrays fit in GPU_DATA_SHARE of the free GPU memory; else a DataLoader reads the cache.
 """
 import numpy as np
 import torch
@@ -10,6 +14,11 @@ import torch
 import datasets
 from cmvq import distributed
 from read_variances import read_variances
+
+# data_on_gpu='auto' holds the cached arrays on the GPU when they take at most this share
+# of its free memory; the rest is left to the model, its activations and the optimizer.
+GPU_DATA_SHARE = 0.5
+DEVICE_DATASETS = ('CREMA-D', 'RML')  # those DeviceLoader samples (not with modify_modal)
 
 
 def frame_jitter(cfg):
@@ -27,7 +36,7 @@ def dataset_options(cfg):
         return {'layer': cfg['layer']}
     options = {'root': cfg.get('media_root'), 'cache': cfg['cache'],
                'cache_dir': cfg['cache_dir'], 'frame_jitter': frame_jitter(cfg),
-               'workers': max(1, cfg['num_workers']), 'seed': cfg['seed']}
+               'seed': cfg['seed']}
     if cfg['dataset'] in datasets.RML_DATASETS:
         options.update(modify_modal=cfg['modify_modal'],
                        audio_geometry=cfg.get('audio_geometry') or 'RML')
@@ -62,9 +71,10 @@ class DeviceLoader:
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.sampler, self.drop_last = sampler, drop_last
         self.jitter = (arrays['frames'].shape[1] - 1) // 2
-        self.frames = _to_device(arrays['frames'], device)   # (N, 2J+1, 128, 128, 3) uint8
-        self.specs = _to_device(arrays['specs'], device)     # (N, 256, 256) float32
-        self.labels = torch.as_tensor(dataset.item_labels(), device=device)  # (N, 4) as items
+        rows = held_rows(dataset, sampler, train)  # M items: all, or this rank's shard
+        self.frames = _to_device(arrays['frames'], device, rows)  # (M, 2J+1, 128, 128, 3) uint8
+        self.specs = _to_device(arrays['specs'], device, rows)    # (M, 256, 256) float32
+        self.labels = torch.as_tensor(dataset.item_labels()[rows], device=device)  # (M, 4)
         self.seed, self.epoch = seed, 0
         self.generator = torch.Generator(device=device)
 
@@ -79,12 +89,15 @@ class DeviceLoader:
 
     def __iter__(self):
         device = self.frames.device
-        order = torch.as_tensor(list(self.sampler), device=device)  # this rank's items
-        self.generator.manual_seed(datasets.epoch_seed(self.seed, self.epoch))
-        # one draw per item of the split, picked by index: an item's frame depends on
-        # (seed, epoch, index) only, not on its rank or its place in the batch
-        offsets = torch.randint(0, 2 * self.jitter + 1, (len(self.dataset),), device=device,
-                                generator=self.generator)
+        if self.train:  # every item is held: rows are the sampler's item indices
+            order = torch.as_tensor(list(self.sampler), device=device)  # this rank's items
+            self.generator.manual_seed(datasets.epoch_seed(self.seed, self.epoch))
+            # one draw per item of the split, picked by index: an item's frame depends on
+            # (seed, epoch, index) only, not on its rank or its place in the batch
+            offsets = torch.randint(0, 2 * self.jitter + 1, (len(self.dataset),),
+                                    device=device, generator=self.generator)
+        else:  # the held rows are the sampler's items, in its order
+            order = torch.arange(len(self.frames), device=device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             offset = offsets[idx] if self.train else torch.full_like(idx, self.jitter)
@@ -93,18 +106,65 @@ class DeviceLoader:
             yield (image, audio, *self.labels[idx].unbind(1))
 
 
-def _to_device(array, device, chunk=256):
-    """Copy a (memory-mapped) array to the device in chunks: no full host copy."""
+def held_rows(dataset, sampler, train):
+    """The items a DeviceLoader holds, in the order it uses them: a training loader
+    all of them (each epoch's shuffle may give this rank any), an evaluation loader
+    its sampler's (under torchrun, this rank's shard)."""
+    return np.arange(len(dataset)) if train else np.fromiter(sampler, np.int64)
+
+
+def held_bytes(dataset, train):
+    """Device memory a DeviceLoader of dataset would take here (frames and log-mels)."""
+    arrays = dataset.arrays()
+    rows = len(dataset) if train else len(distributed.ShardSampler(dataset))
+    return rows * (arrays['frames'][0].nbytes + arrays['specs'][0].nbytes)
+
+
+def resolve_data_on_gpu(cfg, runtime, data):
+    """cfg['data_on_gpu'] as a bool for the loaders of data, a list of (dataset, train),
+    and the log line of an 'auto' decision (None for an explicit True or False).
+
+    'auto' is on when the device is CUDA, cache=True, the dataset has a DeviceLoader
+    (CREMA-D, RML without modify_modal) and what this process would hold fits in
+    GPU_DATA_SHARE of the GPU's free memory; under torchrun, on only if so on every
+    process (all sample alike)."""
+    if cfg['data_on_gpu'] != 'auto':
+        return cfg['data_on_gpu'], None
+    problem, need, free = None, 0, 0
+    if runtime.device.type != 'cuda':
+        problem = f'the device is {runtime.device}'
+    elif not cfg['cache']:
+        problem = 'cache=False'
+    elif cfg['dataset'] not in DEVICE_DATASETS or cfg.get('modify_modal'):
+        problem = f"no GPU sampler for {cfg['dataset']}" + (
+            ' with modify_modal' if cfg.get('modify_modal') else '')
+    else:
+        need = sum(held_bytes(dataset, train) for dataset, train in data)
+        free = torch.cuda.mem_get_info(runtime.device)[0]
+        if need > GPU_DATA_SHARE * free:
+            problem = (f'the cached arrays take {need / 1e9:.1f} GB, more than '
+                       f'{GPU_DATA_SHARE:.0%} of the {free / 1e9:.1f} GB free on {runtime.device}')
+    problems = [p for p in distributed.all_gather(problem) if p is not None]
+    if problems:
+        return False, (f"data_on_gpu='auto': off ({problems[0]}); a DataLoader with "
+                       f"{cfg['num_workers']} workers reads the cache")
+    return True, (f"data_on_gpu='auto': on (the cached arrays take {need / 1e9:.1f} GB of "
+                  f'the {free / 1e9:.1f} GB free on {runtime.device}); batches are sampled there')
+
+
+def _to_device(array, device, rows, chunk=256):
+    """Copy rows of a (memory-mapped) array to the device in chunks: no full host copy."""
     dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
-    out = torch.empty(array.shape, dtype=dtype, device=device)
-    for start in range(0, len(array), chunk):
-        part = np.array(array[start:start + chunk])  # a writable host copy of one chunk
+    out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, device=device)
+    for start in range(0, len(rows), chunk):
+        part = array[rows[start:start + chunk]]  # a host copy of one chunk of rows
         out[start:start + chunk] = torch.from_numpy(part)
     return out
 
 
 def make_loader(dataset, cfg, runtime, *, train):
-    """DataLoader seeded from cfg['seed'] (a DeviceLoader when cfg['data_on_gpu']) over
+    """DataLoader seeded from cfg['seed'] (a DeviceLoader when data_on_gpu, see
+    resolve_data_on_gpu) over
     this process's items. Training: a per-epoch shuffle seeded by (seed, epoch) (if
     cfg['shuffle']) whose draws (order, frames) are a function of (seed, epoch): call
     set_epoch(loader, epoch) before each epoch. Evaluation: every item in order. Under
@@ -118,7 +178,7 @@ def make_loader(dataset, cfg, runtime, *, train):
     # As released, training keeps the last partial batch, except one of a single
     # item: the solver's BatchNorm1d cannot train on one value per channel.
     drop_last = train and len(sampler) % batch_size == 1 and len(sampler) > 1
-    if cfg['data_on_gpu']:
+    if resolve_data_on_gpu(cfg, runtime, [(dataset, train)])[0]:
         return DeviceLoader(dataset, batch_size=batch_size, train=train, sampler=sampler,
                             drop_last=drop_last, device=runtime.device, seed=cfg['seed'])
     generator = torch.Generator().manual_seed(cfg['seed'])
@@ -136,8 +196,15 @@ def set_epoch(loader, epoch):
     (loader if isinstance(loader, DeviceLoader) else loader.sampler).set_epoch(epoch)
 
 
-def make_loaders(cfg, runtime, splits=('train', 'val', 'test')):
-    data = make_datasets(cfg, splits)
+def make_loaders(cfg, runtime, splits=('train', 'val', 'test'), log=None):
+    """{split: loader} of cfg's splits; log (if given) gets the data_on_gpu='auto' line."""
+    with distributed.main_first():  # rank 0 builds a missing cache, the others then open it
+        data = make_datasets(cfg, splits)
+    on_gpu, line = resolve_data_on_gpu(cfg, runtime, [(ds, split == 'train')
+                                                      for split, ds in data.items()])
+    if line and log:
+        log(line)
+    cfg = {**cfg, 'data_on_gpu': on_gpu}
     return {split: make_loader(ds, cfg, runtime, train=split == 'train')
             for split, ds in data.items()}
 

@@ -18,7 +18,6 @@ import zlib
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
 import datasets
@@ -72,6 +71,8 @@ class Corrupted(Dataset):
             noise = torch.from_numpy(self._rng(i).standard_normal(image.shape, np.float32))
             image = (image + level * noise).clamp_(0, 1)
         elif corruption == 'blur sd px':
+            # here, not on top: importing torchvision costs every main.py run a second
+            import torchvision.transforms.functional as TF
             size = 2 * int(np.ceil(3 * level)) + 1  # +-3 sd
             image = TF.gaussian_blur(image, [size, size], [level, level])
         elif corruption == 'SNR dB':

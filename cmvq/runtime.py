@@ -9,6 +9,9 @@ import torch
 from cmvq import distributed
 from cmvq.errors import BadValueError
 
+# torch.compile's arguments (tests may pick a cheaper backend).
+COMPILE_OPTIONS = {}
+
 
 def seed_everything(seed):
     """One seed drives initialisation, shuffles and frame draws."""
@@ -40,14 +43,22 @@ class Runtime:
         used = precision(cfg, self.device)
         self.amp, self.channels_last = used['bf16_autocast'], used['channels_last']
         self.pin_memory = self.device.type == 'cuda'
-        self.compile, self.compile_problem = bool(cfg.get('compile', False)), None
-        if self.compile:
-            self.compile_problem = compile_problem(self.device)
-            self.compile = self.compile_problem is None
+        self.compile = bool(cfg.get('compile', False))
+        self.compile_failure = None  # fall_back's line
 
     def compiled(self, model):
-        """torch.compile(model) when compile=True works here, else model."""
-        return torch.compile(model) if self.compile else model
+        """torch.compile(model) when compile=True, else model. Compiling happens at the
+        first step (see cmvq.train.first_compiled_step, which falls back to model)."""
+        return torch.compile(model, **COMPILE_OPTIONS) if self.compile else model
+
+    def fall_back(self, error):
+        """The first compiled step failed with `error`: no torch.compile from now on;
+        compile_failure says so in one line."""
+        self.compile = False
+        lines = str(error).strip().splitlines()
+        self.compile_failure = (f'compile=True: the first compiled step failed '
+                                f'({type(error).__name__}: {lines[0] if lines else ""}); '
+                                'training without torch.compile')
 
     def autocast(self):
         """bf16 autocast (the VQ distances stay fp32 inside model.py)."""
@@ -74,9 +85,6 @@ class Runtime:
         text = (f'device {self.device}, bf16 autocast {"on" if self.amp else "off"}, '
                 f'channels_last {"on" if self.channels_last else "off"}, '
                 f'torch.compile {"on" if self.compile else "off"}')
-        if self.compile_problem:
-            text += (f'\ncompile=True: torch.compile does not work here '
-                     f'({self.compile_problem}); training without it')
         if ctx.world_size > 1:
             text += f'; process {ctx.rank} of {ctx.world_size} (torchrun)'
         return text
@@ -89,6 +97,18 @@ def precision(cfg, device):
             'channels_last': cfg['channels_last'] is True or cfg['channels_last'] == 'auto'}
 
 
+def synchronize(device):
+    """Wait for the work queued on a CUDA device (no-op on the CPU), so that a clock
+    read afterwards covers it."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def uncompiled(model):
+    """model without its torch.compile wrapper (OptimizedModule), if it has one."""
+    return getattr(model, '_orig_mod', model)
+
+
 def auto_amp(device):
     """amp='auto': bf16 autocast where tools/bench.py measured it faster than fp32: on CUDA,
     and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where the paper-width
@@ -99,13 +119,3 @@ def auto_amp(device):
     return device.type == 'cpu' and any(getattr(torch.cpu, name, lambda: False)()
                                         for name in checks)
 
-
-def compile_problem(device):
-    """None if torch.compile works on device, else why not (a tiny function is compiled:
-    no C++ compiler, no Triton, an unsupported Python all fail there)."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
-    except Exception as e:  # noqa: BLE001 - any failure means: run uncompiled
-        first = str(e).strip().splitlines()
-        return f'{type(e).__name__}: {first[0] if first else ""}'
-    return None

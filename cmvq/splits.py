@@ -10,7 +10,6 @@ the caches training reuses are built) and write the folder as a whole.
 """
 import itertools
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -18,6 +17,7 @@ import datasets
 from cmvq import atomic, media
 from cmvq.cache import DEFAULT_WORKERS
 from cmvq.errors import BadValueError, MissingError
+from cmvq.pools import process_pool
 from cmvq.progress import progress_bar
 
 SPLITS = ('train', 'val', 'test')
@@ -137,7 +137,7 @@ def _decode_centres(paths, backend, workers, decoder=None):
     if workers <= 1:
         yield from map(_decode_centre, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers, blas=False) as pool:  # log-mels as in the main process
         yield from pool.map(_decode_centre, jobs, chunksize=4)
 
 

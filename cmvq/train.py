@@ -24,7 +24,7 @@ from cmvq.loaders import make_loaders, set_epoch, train_variances
 from cmvq.loss import class_criterion, class_targets, compute_loss, describe_loss
 from cmvq.progress import progress_bar
 from cmvq.runs import load_checkpoint, save_torch
-from cmvq.runtime import Runtime, seed_everything
+from cmvq.runtime import Runtime, seed_everything, uncompiled
 
 
 def setup(cfg, log):
@@ -32,8 +32,7 @@ def setup(cfg, log):
     seed_everything(cfg['seed'])
     runtime = Runtime(cfg)
     log(runtime.describe())
-    with distributed.main_first():  # rank 0 builds a missing cache, the others then open it
-        loaders = make_loaders(cfg, runtime)
+    loaders = make_loaders(cfg, runtime, log=log)
     variances = train_variances(cfg)
     log(f'Data: {cfg["data_path"]}: ' + ', '.join(
         f'{s} {len(dl.dataset)}' for s, dl in loaders.items())
@@ -49,32 +48,49 @@ class EpochResult(NamedTuple):
     sizes: list           # items per batch of this rank
 
 
+# Steps between two checks that the losses are finite: a check waits for the device
+# (a host sync), so it is not done every step.
+FINITE_CHECK_STEPS = 32
+
+
 def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
     """One pass over loader; trains when an optimizer is given -> EpochResult.
 
     model may be wrapped (DDP, torch.compile). Under torchrun the training history
     is the mean over ranks of each step (the global batch's values, ranks holding
-    equal shares) and the predictions are gathered from all ranks."""
+    equal shares) and the predictions are gathered from all ranks. Nothing waits
+    for the device within a step: losses and predictions stay there, and the losses
+    are checked every FINITE_CHECK_STEPS steps and at the end (check_finite)."""
     training = optimizer is not None
     criterion = class_criterion(cfg['dataset'])
+    if not runtime.compile:  # compile=False, or its first step failed (first_compiled_step)
+        model = uncompiled(model)
     model.train(training)
     plain = distributed.unwrap(model)
-    history, preds, targets, sizes = {}, [], [], []
+    history, preds, targets, sizes, checked = {}, [], [], [], 0
+
+    def step(net, batch):
+        image, audio, (emotion, *_) = runtime.to_device(batch)
+        with runtime.autocast():
+            out = net(image, audio)
+        loss, parts = compute_loss(out, image, audio, emotion, variances, plain,
+                                   cfg['regularization'], cfg['recon_loss'], criterion)
+        if training:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return out, loss, parts, emotion
     grad = nullcontext() if training else torch.no_grad()
     with grad:
         for batch in progress_bar(loader, desc=desc, leave=False, lines=False,
                                   enabled=distributed.is_main()):
-            image, audio, (emotion, *_) = runtime.to_device(batch)
-            with runtime.autocast():
-                out = model(image, audio)
-            loss, parts = compute_loss(out, image, audio, emotion, variances, plain,
-                                       cfg['regularization'], cfg['recon_loss'], criterion)
-            check_finite(loss, parts, desc, len(history.get('loss', ())) + 1)
+            if training and not sizes and model is not uncompiled(model):
+                model, (out, loss, parts, emotion) = first_compiled_step(step, model, batch,
+                                                                         runtime)
+            else:
+                out, loss, parts, emotion = step(model, batch)
             sizes.append(len(emotion))
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            terms = list(parts)  # the loss terms, for check_finite's message
             parts['loss'] = loss
             for key, p in (('perplexity1', out.perplexity_image),
                            ('perplexity2', out.perplexity_audio)):
@@ -85,6 +101,11 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
             if out.logits is not None:
                 preds.append(out.logits.argmax(1))
                 targets.append(class_targets(emotion, cfg['dataset']))
+            if len(sizes) - checked == FINITE_CHECK_STEPS:
+                check_finite(history, terms, desc, checked)
+                checked = len(sizes)
+    if len(sizes) > checked:
+        check_finite(history, terms, desc, checked)
     history = {k: torch.stack(v) for k, v in history.items()}  # (steps,) each
     if training and history:  # one all-reduce of (keys, steps) per epoch
         means = distributed.mean_over_ranks(torch.stack(list(history.values())))
@@ -95,19 +116,57 @@ def run_epoch(model, loader, runtime, variances, cfg, optimizer=None, desc=''):
     return EpochResult(history, preds, targets, sizes)
 
 
+def first_compiled_step(step, model, batch, runtime):
+    """step(model, batch) on a torch.compile'd model, whose first call compiles it ->
+    (the model to go on with, step's result). If compiling or the step fails, the
+    model and RNG states go back to before it and the step runs on the model without
+    torch.compile, which goes on from there (runtime.fall_back: one line in fit's log,
+    no traceback)."""
+    plain = distributed.unwrap(model)
+    state = {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    rng = rng_states(runtime.device)
+    try:
+        return model, step(model, batch)
+    except Exception as error:  # noqa: BLE001 - any failure of the compiled step
+        runtime.fall_back(error)
+    plain.load_state_dict(state)  # undo what the failed attempt changed (BatchNorm, EMA)
+    set_rng_states(rng, runtime.device)
+    eager = uncompiled(model)
+    return eager, step(eager, batch)
+
+
+def rng_states(device):
+    """The RNG states a step draws from (dropout, randomizer masks): CPU, and the CUDA
+    device's."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == 'cuda'
+                                   else None)
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
 class NonFiniteLoss(UserError, FloatingPointError):
     """A NaN or Inf loss: the run stops; nothing is reported as a result."""
 
 
-def check_finite(loss, parts, desc, batch):
-    """Raise NonFiniteLoss naming the epoch (desc), batch and loss terms, before the
-    optimizer step, so the saved checkpoint stays the last finite one. (One host
-    sync per batch: the price of stopping at the first bad batch.)"""
-    if bool(torch.isfinite(loss.detach())):
+def check_finite(history, terms, desc, start):
+    """Raise NonFiniteLoss naming the epoch (desc), the first batch from `start` on
+    (0-based) whose loss is NaN or Inf, and its loss terms. One host sync.
+
+    fit writes checkpoints only after an epoch's training and validation, both
+    checked to their last batch first, so a saved checkpoint is never one trained
+    on a non-finite loss. (The steps between a bad batch and its check change only
+    the model in memory, which the stopped run never saves.)"""
+    bad = ~torch.isfinite(torch.stack(history['loss'][start:]))  # (steps since start,)
+    if not bool(bad.any()):
         return
-    terms = ', '.join(f'{k} {float(v.detach()):.4g}' for k, v in parts.items())
-    raise NonFiniteLoss(f'non-finite loss {float(loss.detach()):.4g} in '
-                        f'{desc or "evaluation"}, batch {batch} ({terms}); the run stops and '
+    i = start + int(bad.nonzero()[0])
+    values = ', '.join(f'{k} {float(history[k][i]):.4g}' for k in terms)
+    raise NonFiniteLoss(f'non-finite loss {float(history["loss"][i]):.4g} in '
+                        f'{desc or "evaluation"}, batch {i + 1} ({values}); the run stops and '
                         'reports no result (check the variances in data_path, or lower '
                         'learning_rate)')
 
@@ -185,7 +244,8 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     like the seed's pickles (class_error, res_recon_error1/2, res_perplexity1/2).
     """
     num_epoch = num_epoch or cfg['num_epoch']
-    trainer = runtime.compiled(distributed.wrap(model, runtime.device, sync_bn=cfg['sync_bn']))
+    wrapped = distributed.wrap(model, runtime.device, sync_bn=cfg['sync_bn'])
+    trainer = runtime.compiled(wrapped)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['learning_rate'])
     history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
@@ -200,6 +260,9 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
         set_epoch(loaders['train'], epoch)
         train, preds, targets, _ = run_epoch(trainer, loaders['train'], runtime, variances,
                                              cfg, optimizer, desc=f'epoch {epoch} train')
+        if trainer is not wrapped and runtime.compile_failure:  # its first step fell back
+            log(runtime.compile_failure)
+            trainer = wrapped
         val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')
         for key, values in train.items():
             history['train'].setdefault(key, []).extend(values)

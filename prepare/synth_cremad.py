@@ -6,10 +6,10 @@
 
 What the twin holds and how it is rendered: cmvq/twins/cremad.py.
 """
-import os
 
 from cmvq.configurator import configure
 from cmvq.errors import run_script
+from cmvq.pools import available_cores
 from cmvq.twins import cremad as twin
 
 # ----------------------------------------------------------------------------- config
@@ -30,7 +30,7 @@ def main(argv=None):
     measure = cfg.pop('measure')
     twin.generate(**cfg)  # the header's keys are generate's keywords
     if measure:
-        features = twin.probe_features(cfg['root'], cfg['workers'] or os.cpu_count())
+        features = twin.probe_features(cfg['root'], cfg['workers'] or available_cores())
         for split in ('clip', 'actor'):
             scores = twin.learnability(cfg['root'], split=split, features=features)
             print(f'learnability (split by {split}): ' + ', '.join(

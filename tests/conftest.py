@@ -21,6 +21,9 @@ from cmvq.runtime import precision, resolve_device  # noqa: E402
 
 # The model settings of main.py's header (the paper's widths), with num_classes.
 PAPER = model_config(main.header())
+# The paper's layout at toy widths: the inputs keep their real sizes, the convs get cheap.
+TINY_MODEL = {**PAPER, 'num_hiddens': 8, 'num_residual_hiddens': 4, 'embedding_dim': 8,
+              'num_embeddings': 16}
 
 # A few dozen short clips: 3 actors x (DFA: 6 emotions + IEO: 16 emotion x level) = 66.
 TINY = {'num_actors': 3, 'sentences': 'DFA,IEO', 'duration_scale': 0.5, 'seed': 0}

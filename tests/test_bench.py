@@ -3,14 +3,11 @@ import json
 
 import pytest
 
-from tools import bench
+from tools import bench, reference_model
 import model as models
 from cmvq.configurator import ConfigError
-from conftest import PAPER
-
-# Paper layout at toy widths: the inputs keep their real sizes, the convs get cheap.
-TINY_MODEL = {**PAPER, 'num_hiddens': 8, 'num_residual_hiddens': 4,
-              'embedding_dim': 8, 'num_embeddings': 16}
+from cmvq import flops
+from conftest import PAPER, TINY_MODEL, TINY_RUN
 
 
 @pytest.fixture(scope='module')
@@ -24,8 +21,8 @@ def bench_data(twin, tmp_path_factory):
 
 
 def test_reference_trains_the_paper_models_parameters():
-    reference = bench.build_reference(dict(PAPER))
-    assert models.count_parameters(reference) == bench.PAPER_PARAMETERS
+    reference = reference_model.build_reference(dict(PAPER))
+    assert models.count_parameters(reference) == reference_model.PAPER_PARAMETERS
 
 
 def test_original_path_reads_a_full_length_clip(tmp_path):
@@ -46,7 +43,8 @@ def test_quick_keeps_explicit_overrides():
         bench.resolve(['--base_types=(5,)'])
 
 
-def test_pieces_write_results(bench_data, tmp_path):
+def test_pieces_write_results(bench_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(flops.PEAK_SIZES, 'cpu', 256)
     data_path, cache_dir = bench_data
     results = {'argv': ['bench.py', '--test'], 'started': 'now', 'config': bench.resolve([]),
                'machine': bench.machine()}
@@ -58,6 +56,9 @@ def test_pieces_write_results(bench_data, tmp_path):
     results['train'] = bench.measure_train_cpu(
         TINY_MODEL, base_types=(0, 1), reference=True, batch_size=2, warmup=1, steps=1,
         rounds=2, seed=0, grid_base_types=(0,))
+    results['peaks'] = bench.measure_peaks(['cpu'])
+    bench.add_rates(results['train'], bench.step_costs(TINY_MODEL, (0, 1)), results['peaks'])
+    results['profile'] = bench.measure_profile(TINY_MODEL, batch_size=2, steps=1, seed=0)
     text = bench.write_results(tmp_path, results)
 
     saved = json.loads((tmp_path / 'results.json').read_text())
@@ -75,7 +76,38 @@ def test_pieces_write_results(bench_data, tmp_path):
     grid = [(r['precision'], r['channels_last']) for r in saved['train'][2:5]]
     assert grid == [('fp32', True), ('bf16', False), ('bf16', True)]
     assert all(r['samples_per_s'] > 0 and r['peak_mb'] >= 0 for r in saved['train'])
-    for title in ('## Per-clip cost', '## Loader throughput', '## Training step'):
+    assert all(r['tflops'] > 0 and 0 < r['peak_percent'] for r in saved['train'])
+    assert [(r['device'], r['precision']) for r in saved['peaks']] == [('cpu', 'fp32'),
+                                                                      ('cpu', 'bf16')]
+    assert 0 < len(saved['profile']) <= 15 and saved['profile'][0]['self_ms_per_step'] > 0
+    for title in ('## Per-clip cost', '## Loader throughput', '## Training step',
+                  '## Matmul peak', '## Profile of the training step'):
         assert title in text
     assert any('reference' in note for note in saved['notes'])
     assert any('bf16, channels_last True' in note for note in saved['notes'])
+
+
+def test_step_flops_count_the_paper_step():
+    """The paper model's forward is 4.92 GFLOP per sample (torch.utils.flop_counter on
+    CUDA, ../shared/gpu/README.md); a training step (forward + backward) about 3x."""
+    train, evaluation = flops.step_flops(models.build_model({**PAPER, 'base_type': 0}),
+                                         bench.random_batch(2, 0))
+    assert evaluation / 1e9 == pytest.approx(4.92, rel=0.01)
+    assert 2.5 < train / evaluation < 3.5
+
+
+def test_full_run_is_main_py_end_to_end(bench_data, tmp_path, monkeypatch):
+    """The full section's plumbing on the tiny twin at tiny widths, one epoch."""
+    data_path, cache_dir = bench_data
+    monkeypatch.setattr(bench, 'prepare_full', lambda cfg: None)
+    monkeypatch.setitem(flops.PEAK_SIZES, 'cpu', 256)
+    argv = bench.full_argv
+    monkeypatch.setattr(bench, 'full_argv', lambda cfg, results: [*argv(cfg, results),
+                                                                   *TINY_RUN])
+    cfg = {**bench.resolve(['--full_epochs=1']), 'full_data_path': str(data_path),
+           'cache_dir': str(cache_dir)}
+    row, = bench.measure_full(cfg, tmp_path)
+    assert row['epochs'] == 1 and row['train_items'] == 52 and row['device'] == 'cpu'
+    assert row['wall_seconds'] > row['epochs_seconds'] > 0
+    assert 0 < row['tflops'] < row['peak_tflops'] and row['peak_percent'] > 0
+    assert (tmp_path / 'full').is_dir() and 0 <= row['test_accuracy'] <= 1

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import main
 import main_separate
 from cmvq import cremad, errors, two_stage
 from cmvq.experiment import resolve_run
-from cmvq.loaders import DeviceLoader, make_datasets, make_loader
+from cmvq.loaders import (DeviceLoader, held_bytes, make_datasets, make_loader,
+                          resolve_data_on_gpu)
 from cmvq.runs import Log
 from cmvq.runtime import Runtime
 from cmvq.train import NonFiniteLoss
@@ -242,6 +244,14 @@ def test_device_loader_matches_the_dataset(workdir):
     assert len(loader) == 1 and len(batch) == len(reference) == 6
     for mine, theirs in zip(batch, reference, strict=True):
         assert torch.equal(mine, theirs)
+    # rank 1 of 2 under torchrun: it holds and yields its shard only
+    shard = range(1, len(val), 2)
+    loader = DeviceLoader(val, batch_size=2, train=False, sampler=shard, drop_last=False,
+                          device='cpu', seed=0)
+    assert len(loader.frames) == len(shard)
+    reference = torch.utils.data.DataLoader(val, batch_size=2, sampler=shard)
+    for mine, theirs in zip(loader, reference, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
     train = DeviceLoader(val, batch_size=4, train=True, drop_last=True, device='cpu',
                             sampler=torch.randperm(len(val)).tolist(), seed=0)
     frames = torch.from_numpy(np.array(val.arrays()["frames"]))    # (N, W, 128, 128, 3)
@@ -250,6 +260,27 @@ def test_device_loader_matches_the_dataset(workdir):
         # every training image is one of the cached window frames of some clip
         flat = frames.permute(0, 1, 4, 2, 3).reshape(-1, 3, 128, 128).float() / 255
         assert all((flat == img).flatten(1).all(1).any() for img in image)
+
+
+def test_data_on_gpu_auto_needs_cuda_a_cache_and_room(workdir, monkeypatch):
+    cfg = resolve_run(main.header(), args(workdir))
+    assert cfg['data_on_gpu'] == 'auto'
+    data = make_datasets(cfg, splits=('train', 'val'))
+    pairs = [(data['train'], True), (data['val'], False)]
+    need = sum(held_bytes(dataset, train) for dataset, train in pairs)
+    assert need == (len(data['train']) + len(data['val'])) * (31 * 128 * 128 * 3 + 256 * 256 * 4)
+    assert resolve_data_on_gpu(cfg, Runtime(cfg), pairs) == (
+        False, "data_on_gpu='auto': off (the device is cpu); a DataLoader with 0 workers "
+        'reads the cache')
+    cuda, free = SimpleNamespace(device=torch.device('cuda', 0)), [2 * need]
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (free[0], 10**12))
+    on, line = resolve_data_on_gpu(cfg, cuda, pairs)
+    assert on and line.startswith("data_on_gpu='auto': on (the cached arrays take")
+    free[0] -= 2
+    on, line = resolve_data_on_gpu(cfg, cuda, pairs)
+    assert not on and 'more than 50% of the' in line
+    assert not resolve_data_on_gpu({**cfg, 'cache': False}, cuda, pairs)[0]
+    assert resolve_data_on_gpu({**cfg, 'data_on_gpu': False}, cuda, pairs) == (False, None)
 
 
 def test_metrics_do_not_depend_on_num_workers(workdir, tmp_path):
@@ -383,6 +414,35 @@ def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeyp
     assert not (run_dir / 'metrics.json').exists()
     text = (run_dir / 'log.txt').read_text()
     assert 'Config:' in text and 'Run failed' in text and 'non-finite loss' in text
+
+
+class FailingCompiled(torch.nn.Module):
+    """What torch.compile returns in the test below: a step that changes the model's
+    state and RNG (the eager forward) and then fails, as compiling once did."""
+
+    def __init__(self, net):
+        super().__init__()
+        self._orig_mod = net  # torch.compile's OptimizedModule keeps the model there
+
+    def forward(self, *inputs):
+        self._orig_mod(*inputs)
+        raise RuntimeError('permute(sparse_coo): number of dimensions ...\nTraceback of it')
+
+
+def test_a_failing_first_compiled_step_falls_back_to_eager(run, workdir, monkeypatch, capsys):
+    """One log line, no traceback, and the eager run's numbers: the failed attempt's
+    changes (BatchNorm statistics, EMA codebooks, dropout draws) are undone."""
+    monkeypatch.setattr(torch, 'compile', lambda net, **options: FailingCompiled(net))
+    test = main.main(args(workdir, '--num_epoch=2', '--compile=True'))
+    run_dir, eager = newest_run(workdir), run[0]
+    log = (run_dir / 'log.txt').read_text()
+    assert log.count('compile=True: the first compiled step failed (RuntimeError: '
+                     'permute(sparse_coo): number of dimensions ...); training without '
+                     'torch.compile') == 1
+    assert 'Traceback' not in log + capsys.readouterr().err
+    ours, theirs = (json.loads((d / 'history.json').read_text()) for d in (run_dir, eager))
+    assert ours['train'] == theirs['train'] and ours['val'] == theirs['val']
+    assert test['confusion_matrix'] == run[1]['confusion_matrix']
 
 
 def test_reevaluation_refuses_a_changed_test_split(run, workdir, tmp_path):

@@ -2,7 +2,7 @@
 
     python3 -m tools.bench                 # the header below (about 3 min on a 2-core CPU)
     python3 -m tools.bench --quick=True    # small sizes: under a minute on a 2-core CPU
-    python3 -m tools.bench --full=True     # also epochs on a full-size (7,442-clip) twin
+    python3 -m tools.bench --full=True     # also main.py end to end on a 7,442-clip twin
 
 Sections (each a table in results.md):
 1. Per-clip cost (ms): the original's path (moviepy decode of the whole FLV, centre
@@ -21,20 +21,20 @@ Sections (each a table in results.md):
    backward, Adam), in fp32. For cpu_grid_base_types also bf16 autocast x
    channels_last off/on on the CPU (in the same alternating rounds), which is what
    cmvq.runtime.Runtime's amp='auto' / channels_last='auto' rule for the CPU rests on.
-   On CUDA fp32 vs bf16 autocast x channels_last off/on, and torch.compile off/on
-   for compile_base_types.
-   Reference: on CPU the project's step is compared with `ReferenceModel`, a
-   straightforward implementation of the same base_type 0 architecture written the
-   way the original and the classic VQ-VAE notebook do it: plain nn.Sequential
-   stacks, VQ through an explicit (N, K) distance matrix, a one-hot encodings
-   matrix, codes gathered by one-hot @ codebook, EMA statistics and perplexity from
-   that one-hot matrix, and a straight-through mask written inline. Its EMA state
-   lives in buffers, like the project's, so both have exactly the same trainable
-   parameters (asserted); the comparison is then about the computation, not about
-   what the optimizer updates. (The original re-creates nn.Parameters inside
-   forward; that changes what Adam sees, so copying it would not be like for like.)
-   Both run through the same run_epoch, at the same batch size and thread count,
-   in alternating rounds.
+   On the CPU also torch.compile (main.py's amp and channels_last) for
+   cpu_compile_base_types. On CUDA fp32 vs bf16 autocast x channels_last off/on, and
+   torch.compile off/on for compile_base_types. A compiled row's warm-up seconds are
+   its compile time; a row whose first compiled step failed says so (and ran eager).
+   Every row also gives its TFLOP/s (the step's matrix FLOPs, cmvq.flops.step_flops,
+   times samples/s) and its share of the matmul peak measured in the same run on that
+   device and precision (cmvq.flops.matmul_peak; section "Matmul peak").
+   Reference: on CPU the project's step is compared with `ReferenceModel`
+   (tools/reference_model.py), a straightforward implementation of the same
+   base_type 0 architecture with exactly the same trainable parameters (asserted);
+   the comparison is then about the computation. (The original re-creates
+   nn.Parameters inside forward; that changes what Adam sees, so copying it would
+   not be like for like.) Both run through the same run_epoch, at the same batch
+   size and thread count, in alternating rounds.
    Memory: CUDA: torch.cuda.max_memory_allocated (the model alone on the device).
    CPU: the peak resident set size above the one before the timed steps (activations,
    gradients and transients; the weights and Adam state made during warm-up are not
@@ -43,9 +43,14 @@ Sections (each a table in results.md):
    after resetting it through /proc/self/clear_refs (Linux); where that fails, the
    growth of ru_maxrss, which shows only a new high-water mark. results.json says
    which was used.
-4. (full=True) Epoch time of main-style training (cmvq.train.fit, main.py's header
-   with the overrides below) on a full-size twin rendered like ../shared/crema-d,
-   once its cache exists; on CUDA also the GPU utilisation sampled with nvidia-smi.
+4. Profile (profile_steps > 0): torch.profiler over training steps of base_type 0
+   with main.py's settings on the device: the operators with the most self time
+   (CUDA time on a GPU, CPU time otherwise).
+5. (full=True) main.py end to end with its header's settings (data_on_gpu='auto',
+   amp, channels_last, 50 epochs unless full_epochs) on a full-size twin rendered
+   like ../shared/crema-d: epoch and wall seconds, GPU utilisation sampled with
+   nvidia-smi, and the FLOP rate of the epochs (train steps + validation forwards)
+   against the matmul peak measured in the same run.
 
 Results go to out_dir/<YYYYmmdd-HHMMSS>/ (results.json, results.md; a new folder
 every run) with the machine's facts and the exact argv. The bench twin and its
@@ -53,6 +58,7 @@ caches live under bench/ (gitignored) and are reused by later runs.
 """
 import ctypes
 import gc
+import json
 import os
 import platform
 import resource
@@ -62,26 +68,27 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import datasets
 import main
 import model as models
 from cmvq import atomic, media
-from cmvq.config import model_config
+from cmvq.config import model_config, optional_positive_int
 from cmvq.configurator import configure, read_config_file
 from cmvq.cremad import prepare_twin
 from cmvq.errors import run_script
-from cmvq.loaders import make_loader, make_loaders, train_variances
-from cmvq.runs import Log, new_run_dir, save_json, versions
-from cmvq.runtime import Runtime, seed_everything
-from cmvq.train import fit, run_epoch
+from cmvq.flops import matmul_peak, step_flops
+from cmvq.loaders import make_loader
+from cmvq.runs import new_run_dir, save_json, versions
+from cmvq.runtime import Runtime, synchronize
+from cmvq.train import run_epoch
+from tools.reference_model import build_reference
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
@@ -108,23 +115,23 @@ train_steps = 4             # timed steps per round
 train_rounds = 2            # CPU: rounds, alternating between models
 compile_base_types = (0,)   # CUDA: base types also timed with torch.compile
 cpu_grid_base_types = (0,)  # CPU: base types also timed with bf16 autocast x channels_last
+cpu_compile_base_types = (0,)  # CPU: base types also timed with torch.compile (minutes each)
+profile_steps = 3           # profiled training steps of base_type 0 (0: no profile)
 num_threads = 0             # torch CPU threads (0: torch's default)
 full_root = 'bench/full/CREMA-D'  # full=True: the 7,442-clip twin
 full_data_path = 'bench/full-data'  # its split configs
-full_epochs = 1             # epochs timed per loader kind
-full_batch_size = 128       # training batch of the full run
-full_workers = 2            # DataLoader workers of the full run
+full_epochs = None          # epochs of the full run (None: main.py's num_epoch)
 # ------------------------------------------------------------------------------------------
 
 # What quick=True changes (keys given on the command line keep their value).
 QUICK = {'decode_clips': 3, 'decode_rounds': 2, 'loader_items': 64, 'loader_workers': (0, 2),
          'loader_batch_size': 16, 'batch_size': 4, 'cuda_batch_size': 32,
          'base_types': (0, 1), 'warmup_steps': 1, 'train_steps': 1, 'compile_base_types': (),
-         'cpu_grid_base_types': ()}
+         'cpu_grid_base_types': (), 'cpu_compile_base_types': (), 'profile_steps': 1,
+         'full_epochs': 1}
 SHARED_CREMAD = Path(__file__).resolve().parents[2] / 'shared' / 'crema-d'
 VARIANCES = (1.0, 1.0)  # the loss's scale does not change the step's cost
 STEP_CONFIG = {'dataset': 'CREMA-D', 'regularization': True, 'recon_loss': 'mse'}  # run_epoch's
-PAPER_PARAMETERS = 1_935_306  # model.build_model of main.py's header (decay 0.99)
 
 
 def _positive_int(v):
@@ -155,9 +162,9 @@ CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': _non_negative_
            'base_types': _base_types, 'reference': (True, False),
            'warmup_steps': _non_negative_int, 'train_steps': _positive_int,
            'train_rounds': _positive_int, 'compile_base_types': _base_types,
-           'cpu_grid_base_types': _base_types,
-           'num_threads': _non_negative_int, 'full_epochs': _positive_int,
-           'full_batch_size': _positive_int, 'full_workers': _non_negative_int}
+           'cpu_grid_base_types': _base_types, 'cpu_compile_base_types': _base_types,
+           'profile_steps': _non_negative_int, 'num_threads': _non_negative_int,
+           'full_epochs': optional_positive_int}
 
 
 def resolve(argv):
@@ -173,12 +180,6 @@ def resolve(argv):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def sync(device):
-    """Wait for queued GPU work, so that wall-clock time covers it."""
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize(device)
-
 
 def summary_ms(seconds):
     """{'mean_ms', 'median_ms', 'n'} of a list of durations in seconds."""
@@ -215,8 +216,7 @@ def warm_up_librosa():
 def prepare_bench_twin(cfg):
     """The bench twin (full-length clips: moviepy's audio reader fails on clips under
     1 s) and its split configs with the train cache, made if missing."""
-    prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'],
-                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
+    prepare_twin(cfg['twin_root'], cfg['data_path'], seed=cfg['seed'], cache_dir=cfg['cache_dir'],
                  num_actors=cfg['twin_actors'], duration_scale=1.0)
 
 
@@ -319,7 +319,7 @@ def items_per_second(loader, items, device):
             it = iter(loader)
             continue
         count += len(batch[0])
-    sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {'items': count, 'seconds': seconds, 'items_per_s': count / seconds}
 
@@ -348,122 +348,10 @@ def measure_device_loader(data_path, cache_dir, *, items, batch_size, runtime, s
     start = time.perf_counter()
     loader = make_loader(dataset, loader_config(batch_size, 0, seed, data_on_gpu=True),
                          runtime, train=True)
-    sync(runtime.device)
+    synchronize(runtime.device)
     setup = time.perf_counter() - start
     return {'loader': f'DeviceLoader ({runtime.device})', 'workers': 0,
             'setup_seconds': setup, **items_per_second(loader, items, runtime.device)}
-
-
-# ----------------------------------------------------------------------------- 3. reference
-
-class RefResidual(nn.Module):
-    def __init__(self, h, r):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.BatchNorm2d(h), nn.ReLU(), nn.Conv2d(h, r, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(r), nn.ReLU(), nn.Conv2d(r, h, 1, bias=False))
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
-def ref_stack(h, r, n):
-    return [RefResidual(h, r) for _ in range(n)] + [nn.BatchNorm2d(h), nn.ReLU()]
-
-
-def ref_encoder(c, h, r, n, pool):
-    layers = [nn.Conv2d(c, h // 2, 4, 2, 1), nn.BatchNorm2d(h // 2), nn.ReLU(),
-              nn.Conv2d(h // 2, h, 4, 2, 1), nn.BatchNorm2d(h), nn.ReLU(),
-              nn.Conv2d(h, h, 3, 1, 1)]
-    return nn.Sequential(*layers, *([nn.MaxPool2d(3, 2, 1)] if pool else []),
-                         *ref_stack(h, r, n))
-
-
-def ref_decoder(d, h, r, n, c, upsamples):
-    layers = [nn.Conv2d(d, h, 3, 1, 1), *ref_stack(h, r, n)]
-    for _ in range(upsamples - 1):
-        layers += [nn.ConvTranspose2d(h, h // 2, 4, 2, 1), nn.BatchNorm2d(h // 2), nn.ReLU()]
-        h //= 2
-    return nn.Sequential(*layers, nn.ConvTranspose2d(h, c, 4, 2, 1))
-
-
-class RefVQEMA(nn.Module):
-    """The classic notebook's EMA quantizer (one-hot encodings), state in buffers."""
-
-    def __init__(self, k, d, beta, decay, eps=1e-5):
-        super().__init__()
-        self.k, self.beta, self.decay, self.eps = k, beta, decay, eps
-        self.register_buffer('embedding', torch.randn(k, d))
-        self.register_buffer('ema_cluster_size', torch.zeros(k))
-        self.register_buffer('ema_w', torch.randn(k, d))
-
-    def forward(self, z):
-        x = z.permute(0, 2, 3, 1).contiguous()
-        flat = x.view(-1, x.shape[-1])
-        distances = (torch.sum(flat ** 2, dim=1, keepdim=True) + torch.sum(self.embedding ** 2, 1)
-                     - 2 * torch.matmul(flat, self.embedding.t()))
-        encodings = torch.zeros(flat.shape[0], self.k, device=z.device)
-        encodings.scatter_(1, torch.argmin(distances, dim=1).unsqueeze(1), 1)
-        quantized = torch.matmul(encodings, self.embedding).view(x.shape)
-        if self.training:
-            with torch.no_grad():
-                size = self.ema_cluster_size * self.decay + (1 - self.decay) * encodings.sum(0)
-                total = size.sum()
-                self.ema_cluster_size = (size + self.eps) / (total + self.k * self.eps) * total
-                dw = torch.matmul(encodings.t(), flat)
-                self.ema_w = self.ema_w * self.decay + (1 - self.decay) * dw
-                self.embedding = self.ema_w / self.ema_cluster_size.unsqueeze(1)
-        loss = self.beta * F.mse_loss(quantized.detach(), x)
-        quantized = x + (quantized - x).detach()
-        avg = encodings.mean(0)
-        perplexity = torch.exp(-torch.sum(avg * torch.log(avg + 1e-10)))
-        return loss, quantized.permute(0, 3, 1, 2).contiguous(), perplexity
-
-
-class ReferenceModel(nn.Module):
-    """Straightforward base_type 0 (multimodal, EMA codebook, binarizer mask); see the
-    module docstring. forward returns a model.ModelOutput, so compute_loss and
-    run_epoch treat it like the project's Model."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        h, r, n = cfg['num_hiddens'], cfg['num_residual_hiddens'], cfg['num_residual_layers']
-        d, k = cfg['embedding_dim'], cfg['num_embeddings']
-        self.threshold = models.DEFAULT_THRESHOLD if cfg['threshold'] is None else cfg['threshold']
-        self.enc1, self.enc2 = ref_encoder(3, h, r, n, False), ref_encoder(1, h, r, n, True)
-        self.pre1, self.pre2 = nn.Conv2d(h, d, 1), nn.Conv2d(h, d, 1)
-        self.vq1, self.vq2 = (RefVQEMA(k, d, cfg['commitment_cost'], cfg['decay'])
-                              for _ in range(2))
-        self.dec1, self.dec2 = ref_decoder(d, h, r, n, 3, 2), ref_decoder(d, h, r, n, 1, 3)
-        self.mask = nn.Parameter(torch.full((2 * d, 1, 1), cfg['mask_scale']))
-        half = d // 2
-        self.solver = nn.Sequential(
-            nn.Conv2d(2 * d, half, 3, 2, 1), nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, half, 3, 2, 1), nn.Dropout(0.5), *ref_stack(half, r // 4, n),
-            nn.Flatten(), nn.Linear(half * 64, 256), nn.BatchNorm1d(256), nn.ReLU(),
-            nn.Dropout(0.5), nn.Linear(256, cfg['num_classes']))
-
-    def forward(self, image, audio):
-        loss1, q1, p1 = self.vq1(self.pre1(self.enc1(image)))
-        loss2, q2, p2 = self.vq2(self.pre2(self.enc2(audio)))
-        hard = (self.mask > self.threshold).float()
-        mask = self.mask + (hard - self.mask).detach()  # straight-through binarizer
-        logits = self.solver(torch.cat([q1, q2], dim=1) * mask)
-        return models.ModelOutput(logits=logits, vq_loss=loss1 + loss2,
-                                  recon_image=self.dec1(q1), recon_audio=self.dec2(q2),
-                                  perplexity_image=p1, perplexity_audio=p2)
-
-    def mask_regularization(self):
-        return self.mask.sum()
-
-
-def build_reference(model_cfg):
-    """ReferenceModel of model_cfg, checked to train the same parameters as build_model."""
-    reference_net = ReferenceModel(model_cfg)
-    ours = models.count_parameters(models.build_model({**model_cfg, 'base_type': 0}))
-    theirs = models.count_parameters(reference_net)
-    assert theirs == ours, f'reference has {theirs:,} trainable parameters, Model has {ours:,}'
-    return reference_net
 
 
 # ----------------------------------------------------------------------------- 3. training step
@@ -534,20 +422,23 @@ def _reset_peak_rss():
 
 
 class StepTimer:
-    """One model ready to train: optimizer, batch, warm-up done; time(steps) runs the
-    real training step (cmvq.train.run_epoch) and returns (seconds, memory)."""
+    """One model ready to train: optimizer, batch, warm-up done (compiled first when
+    runtime.compile; warmup_seconds); time(steps) runs the real training step
+    (cmvq.train.run_epoch) and returns (seconds, memory)."""
 
-    def __init__(self, net, runtime, *, batch_size, warmup, seed, compile=False):
+    def __init__(self, net, runtime, *, batch_size, warmup, seed):
         self.net = runtime.prepare(net)
         self.runtime, self.batch_size = runtime, batch_size
-        self.step_net = torch.compile(self.net) if compile else self.net
+        self.step_net = runtime.compiled(self.net)
         self.cpu_seconds = 0.0
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=1e-3)
         # on the device already: the step is timed here, the loader in section 2
         self.batch = tuple(t.to(runtime.device) for t in random_batch(batch_size, seed))
-        if warmup:
-            self._run(warmup)
+        start = time.perf_counter()
+        self._run(warmup)
+        synchronize(runtime.device)
+        self.warmup_seconds = time.perf_counter() - start
 
     def _run(self, steps):
         run_epoch(self.step_net, [self.batch] * steps, self.runtime, VARIANCES,
@@ -556,52 +447,64 @@ class StepTimer:
     def time(self, steps):
         """(wall seconds, memory) of `steps` steps; self.cpu_seconds adds up the process's
         CPU time of every timed step (all threads), which other load does not inflate."""
-        sync(self.runtime.device)
+        synchronize(self.runtime.device)
         with peak_memory(self.runtime.device) as memory:
             start, cpu = time.perf_counter(), time.process_time()
             self._run(steps)
-            sync(self.runtime.device)
+            synchronize(self.runtime.device)
             seconds = time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu
         return seconds, memory
 
 
-def train_row(label, base_type, runtime, batch_size, seconds, steps, memory, **extra):
-    return {'model': label, 'base_type': base_type, 'device': str(runtime.device),
-            'precision': 'bf16' if runtime.amp else 'fp32',
-            'channels_last': runtime.channels_last, 'compile': False, **extra,
-            'batch_size': batch_size, 'steps': steps, 'samples_per_s': batch_size * steps / seconds,
-            'ms_per_step': 1000 * seconds / steps, 'peak_mb': memory['peak_mb'],
-            'memory_method': memory['method']}
+def train_row(label, base_type, timer, seconds, steps, memory, **extra):
+    runtime = timer.runtime
+    row = {'model': label, 'base_type': base_type, 'device': str(runtime.device),
+           'precision': 'bf16' if runtime.amp else 'fp32',
+           'channels_last': runtime.channels_last, 'compile': runtime.compile, **extra,
+           'batch_size': timer.batch_size, 'steps': steps,
+           'samples_per_s': timer.batch_size * steps / seconds,
+           'ms_per_step': 1000 * seconds / steps,
+           'warmup_seconds': timer.warmup_seconds, 'peak_mb': memory['peak_mb'],
+           'memory_method': memory['method']}
+    if runtime.compile_failure:
+        row['compile_failure'] = runtime.compile_failure
+    return row
 
 
-def cpu_runtime(amp='off', channels_last=False):
-    return Runtime({'device': 'cpu', 'amp': amp, 'channels_last': channels_last})
+def cpu_runtime(amp='off', channels_last=False, compile=False):
+    return Runtime({'device': 'cpu', 'amp': amp, 'channels_last': channels_last,
+                    'compile': compile})
 
 
-def cpu_variants(base_types, grid_base_types):
-    """(base_type, amp, channels_last) of the CPU rows: fp32 for every base type, then
-    bf16 autocast x channels_last for grid_base_types."""
-    rows = [(b, 'off', False) for b in base_types]
-    return rows + [(b, amp, cl) for b in grid_base_types for amp in ('off', 'bf16')
-                   for cl in (False, True) if (b, amp, cl) not in rows]
+def cpu_variants(base_types, grid_base_types, compile_base_types=()):
+    """(base_type, amp, channels_last, compile) of the CPU rows: fp32 for every base
+    type, bf16 autocast x channels_last for grid_base_types, then torch.compile with
+    main.py's amp and channels_last for compile_base_types."""
+    rows = [(b, 'off', False, False) for b in base_types]
+    rows += [(b, amp, cl, False) for b in grid_base_types for amp in ('off', 'bf16')
+             for cl in (False, True) if (b, amp, cl, False) not in rows]
+    header = main.header()
+    return rows + [(b, header['amp'], header['channels_last'], True) for b in compile_base_types]
 
 
 def measure_train_cpu(model_cfg, *, base_types, reference, batch_size, warmup, steps,
-                      rounds, seed, grid_base_types=()):
-    """CPU rows: every base type (and the reference) in fp32, and the precision x
-    memory-format grid of grid_base_types, in `rounds` alternating rounds of `steps`
-    steps; throughput from the total time, memory the largest peak."""
+                      rounds, seed, grid_base_types=(), compile_base_types=()):
+    """CPU rows: every base type (and the reference) in fp32, the precision x
+    memory-format grid of grid_base_types and compile_base_types compiled, in `rounds`
+    alternating rounds of `steps` steps; throughput from the total time, memory the
+    largest peak."""
     timers = {}
-    for b, amp, channels_last in cpu_variants(base_types, grid_base_types):
+    for b, amp, channels_last, compiled in cpu_variants(base_types, grid_base_types,
+                                                        compile_base_types):
         torch.manual_seed(seed)
         net = models.build_model({**model_cfg, 'base_type': b})
-        timers[(f'Model (base_type {b})', b, amp, channels_last)] = StepTimer(
-            net, cpu_runtime(amp, channels_last), batch_size=batch_size, warmup=warmup,
-            seed=seed)
+        timers[(f'Model (base_type {b})', b, amp, channels_last, compiled)] = StepTimer(
+            net, cpu_runtime(amp, channels_last, compiled), batch_size=batch_size,
+            warmup=max(warmup, 2 * compiled), seed=seed)
     if reference:
         torch.manual_seed(seed)
-        timers[('ReferenceModel (straightforward)', 0, 'off', False)] = StepTimer(
+        timers[('ReferenceModel (straightforward)', 0, 'off', False, False)] = StepTimer(
             build_reference(model_cfg), cpu_runtime(), batch_size=batch_size, warmup=warmup,
             seed=seed)
     totals = {key: [0.0, []] for key in timers}
@@ -611,7 +514,7 @@ def measure_train_cpu(model_cfg, *, base_types, reference, batch_size, warmup, s
             seconds, memory = timers[key].time(steps)
             totals[key][0] += seconds
             totals[key][1].append(memory)
-    return [train_row(key[0], key[1], timers[key].runtime, batch_size, total, steps * rounds,
+    return [train_row(key[0], key[1], timers[key], total, steps * rounds,
                       max(mems, key=lambda m: m['peak_mb']),
                       cpu_ms_per_step=1000 * timers[key].cpu_seconds / (steps * rounds))
             for key, (total, mems) in totals.items()]
@@ -629,23 +532,87 @@ def measure_train_cuda(model_cfg, *, base_types, compile_base_types, batch_size,
     rows = []
     for b in base_types:
         for amp, channels_last, compiled in cuda_variants(b, compile_base_types):
-            runtime = Runtime({'device': 'cuda', 'amp': amp, 'channels_last': channels_last})
+            runtime = Runtime({'device': 'cuda', 'amp': amp, 'channels_last': channels_last,
+                               'compile': compiled})
             torch.manual_seed(seed)
             net = models.build_model({**model_cfg, 'base_type': b})
-            start = time.perf_counter()
-            timer = StepTimer(net, runtime, batch_size=batch_size, warmup=max(warmup, 3 * compiled),
-                              seed=seed, compile=compiled)
-            warm = time.perf_counter() - start
-            seconds, memory = timer.time(steps)
-            rows.append(train_row(f'Model (base_type {b})', b, runtime, batch_size, seconds,
-                                  steps, memory, compile=compiled, warmup_seconds=warm))
+            timer = StepTimer(net, runtime, batch_size=batch_size,
+                              warmup=max(warmup, 3 * compiled), seed=seed)
+            with host_syncs() as syncs:
+                seconds, memory = timer.time(steps)
+            rows.append(train_row(f'Model (base_type {b})', b, timer, seconds, steps, memory,
+                                  host_syncs=len(syncs)))
             del timer, net
             gc.collect()
             torch.cuda.empty_cache()
     return rows
 
 
-# ----------------------------------------------------------------------------- 4. full epochs
+@contextmanager
+def host_syncs():
+    """Yields the list of the warnings CUDA's sync debug mode gives for each operation that
+    waits for the device. A timed run_epoch has a few at its end (the loss check, the
+    history's copy to the host) and should have none per step."""
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            yield caught
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+def step_costs(model_cfg, base_types):
+    """{base_type: (training step, evaluation forward) matrix FLOPs per sample}."""
+    costs = {}
+    for b in base_types:
+        torch.manual_seed(0)
+        costs[b] = step_flops(models.build_model({**model_cfg, 'base_type': b}),
+                              random_batch(2, 0))
+    return costs
+
+
+def measure_peaks(devices):
+    """Rows of the matmul peak (TFLOP/s) per device and precision."""
+    return [{'device': str(d), 'precision': name, 'tflops': matmul_peak(d, dtype)}
+            for d in devices for name, dtype in (('fp32', torch.float32),
+                                                 ('bf16', torch.bfloat16))]
+
+
+def add_rates(rows, costs, peaks):
+    """Each training-step row gets its TFLOP/s and its % of the peak of its device and
+    precision (ReferenceModel: base_type 0's FLOPs, the same architecture)."""
+    peak = {(p['device'], p['precision']): p['tflops'] for p in peaks}
+    for row in rows:
+        row['gflop_per_sample'] = costs[row['base_type']][0] / 1e9
+        row['tflops'] = row['gflop_per_sample'] * row['samples_per_s'] / 1e3
+        row['peak_percent'] = 100 * row['tflops'] / peak[row['device'], row['precision']]
+
+
+# ----------------------------------------------------------------------------- 4. profile
+
+def measure_profile(model_cfg, *, batch_size, steps, seed, top=15):
+    """Rows of the operators with the most self time over `steps` training steps of
+    base_type 0 with main.py's device, amp and channels_last (CUDA time on a GPU)."""
+    runtime = Runtime(main.header())
+    torch.manual_seed(seed)
+    timer = StepTimer(models.build_model({**model_cfg, 'base_type': 0}), runtime,
+                      batch_size=batch_size, warmup=1, seed=seed)
+    cuda = runtime.device.type == 'cuda'
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        timer._run(steps)
+        synchronize(runtime.device)
+    key = 'self_device_time_total' if cuda else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events) or 1
+    return [{'op': e.key, 'device': str(runtime.device), 'calls_per_step': e.count / steps,
+             'self_ms_per_step': getattr(e, key) / 1000 / steps,
+             'share_percent': 100 * getattr(e, key) / total} for e in events[:top]]
+
+
+# ----------------------------------------------------------------------------- 5. full run
 
 class GpuUtilization:
     """Samples nvidia-smi's utilization.gpu (first GPU) every `interval` s in a thread."""
@@ -681,43 +648,43 @@ class GpuUtilization:
 def prepare_full(cfg):
     """The full-size twin (like ../shared/crema-d) and its split configs and cache."""
     prepare_twin(cfg['full_root'], cfg['full_data_path'], seed=cfg['seed'],
-                 workers=os.cpu_count() or 1, cache_dir=cfg['cache_dir'],
-                 like=str(SHARED_CREMAD))
+                 cache_dir=cfg['cache_dir'], like=str(SHARED_CREMAD))
 
 
-def main_config(cfg, data_on_gpu):
-    """main.py's header with the bench's data, sizes and loader."""
-    return {**main.header(), 'data_path': cfg['full_data_path'], 'cache_dir': cfg['cache_dir'],
-            'num_epoch': cfg['full_epochs'], 'batch_size': cfg['full_batch_size'],
-            'num_workers': cfg['full_workers'], 'seed': cfg['seed'], 'cache': True,
-            'data_on_gpu': data_on_gpu}
+def full_argv(cfg, results_dir):
+    """main.py's arguments of the full run: its header's settings, the bench's data."""
+    epochs = [f'--num_epoch={cfg["full_epochs"]}'] if cfg['full_epochs'] else []
+    return [f'--data_path={cfg["full_data_path"]}', f'--cache_dir={cfg["cache_dir"]}',
+            f'--results_dir={results_dir}', f'--seed={cfg["seed"]}', '--twin_actors=0',
+            *epochs]
 
 
 def measure_full(cfg, run_dir):
-    """Epoch seconds of cmvq.train.fit per loader kind (DataLoader; DeviceLoader on CUDA)."""
+    """main.py end to end (its header's settings) on the full-size twin -> one row:
+    epoch and wall seconds, GPU utilisation, the epochs' FLOP rate and its share of
+    the matmul peak measured here on the run's device and precision."""
     prepare_full(cfg)
-    kinds = [False] + ([True] if torch.cuda.is_available() else [])
-    rows = []
-    for data_on_gpu in kinds:
-        mcfg = main_config(cfg, data_on_gpu)
-        seed_everything(mcfg['seed'])
-        runtime = Runtime(mcfg)
-        loaders = make_loaders(mcfg, runtime, splits=('train', 'val'))
-        net = runtime.prepare(models.build_model(model_config(mcfg)))
-        log = Log(run_dir / 'full_log.txt')
-        with GpuUtilization() as gpu:
-            history = fit(net, loaders, runtime, train_variances(mcfg), mcfg,
-                             log, run_dir / 'full_model.pt')
-        log.close()
-        rows.append({'loader': 'DeviceLoader' if data_on_gpu else
-                     f'DataLoader ({mcfg["num_workers"]} workers, cached)',
-                     'device': str(runtime.device), 'precision': 'bf16' if runtime.amp else 'fp32',
-                     'batch_size': mcfg['batch_size'], 'train_items': len(loaders['train'].dataset),
-                     'epochs': len(history['epoch_seconds']),
-                     'epoch_seconds': statistics.fmean(history['epoch_seconds']),
-                     'gpu_utilization_pct': gpu.mean()})
-        (run_dir / 'full_model.pt').unlink(missing_ok=True)  # only the timing matters here
-    return rows
+    start = time.perf_counter()
+    with GpuUtilization() as gpu:
+        test = main.main(full_argv(cfg, run_dir / 'full'))
+    wall = time.perf_counter() - start
+    run = next((run_dir / 'full').iterdir())
+    run_cfg = json.loads((run / 'config.json').read_text())
+    epoch_seconds = json.loads((run / 'history.json').read_text())['epoch_seconds']
+    runtime = Runtime(run_cfg)
+    train_flops, eval_flops = step_flops(models.build_model(model_config(run_cfg)),
+                                         random_batch(2, 0))
+    train_items, val_items = (len(datasets.load_split(cfg['full_data_path'], split)[0])
+                              for split in ('train', 'val'))
+    tflops = (len(epoch_seconds) * (train_flops * train_items + eval_flops * val_items)
+              / sum(epoch_seconds) / 1e12)
+    peak = matmul_peak(runtime.device, torch.bfloat16 if runtime.amp else torch.float32)
+    return [{'run': str(run), 'device': str(runtime.device),
+             'precision': 'bf16' if runtime.amp else 'fp32', 'train_items': train_items,
+             'epochs': len(epoch_seconds), 'epoch_seconds': statistics.fmean(epoch_seconds),
+             'epochs_seconds': sum(epoch_seconds), 'wall_seconds': wall,
+             'gpu_utilization_pct': gpu.mean(), 'tflops': tflops, 'peak_tflops': peak,
+             'peak_percent': 100 * tflops / peak, 'test_accuracy': test['accuracy']}]
 
 
 # ----------------------------------------------------------------------------- results
@@ -734,16 +701,26 @@ COLUMNS = {
               ('precision', 'precision', '{}'), ('channels_last', 'channels_last', '{}'),
               ('compile', 'compile', '{}'), ('batch', 'batch_size', '{}'), ('steps', 'steps', '{}'),
               ('samples/s', 'samples_per_s', '{:.2f}'), ('ms/step', 'ms_per_step', '{:.0f}'),
-              ('CPU ms/step', 'cpu_ms_per_step', '{:.0f}'), ('peak MB', 'peak_mb', '{:.0f}')],
-    'full': [('loader', 'loader', '{}'), ('device', 'device', '{}'),
-             ('precision', 'precision', '{}'), ('batch', 'batch_size', '{}'),
+              ('CPU ms/step', 'cpu_ms_per_step', '{:.0f}'),
+              ('warm-up s', 'warmup_seconds', '{:.1f}'), ('peak MB', 'peak_mb', '{:.0f}'),
+              ('TFLOP/s', 'tflops', '{:.3f}'), ('% of peak', 'peak_percent', '{:.1f}'),
+              ('host syncs per timing', 'host_syncs', '{}')],
+    'peaks': [('device', 'device', '{}'), ('precision', 'precision', '{}'),
+              ('matmul TFLOP/s', 'tflops', '{:.2f}')],
+    'profile': [('operator', 'op', '{}'), ('device', 'device', '{}'),
+                ('calls/step', 'calls_per_step', '{:.0f}'),
+                ('self ms/step', 'self_ms_per_step', '{:.1f}'),
+                ('share %', 'share_percent', '{:.1f}')],
+    'full': [('device', 'device', '{}'), ('precision', 'precision', '{}'),
              ('train items', 'train_items', '{}'), ('epochs', 'epochs', '{}'),
-             ('epoch s', 'epoch_seconds', '{:.1f}'),
-             ('GPU util %', 'gpu_utilization_pct', '{:.0f}')],
+             ('epoch s', 'epoch_seconds', '{:.2f}'), ('epochs s', 'epochs_seconds', '{:.1f}'),
+             ('wall s', 'wall_seconds', '{:.1f}'), ('GPU util %', 'gpu_utilization_pct', '{:.0f}'),
+             ('TFLOP/s', 'tflops', '{:.2f}'), ('peak TFLOP/s', 'peak_tflops', '{:.1f}'),
+             ('% of peak', 'peak_percent', '{:.1f}'), ('test accuracy', 'test_accuracy', '{:.4f}')],
 }
-TITLES = {'decode': 'Per-clip cost', 'loaders': 'Loader throughput',
-          'train': 'Training step', 'full': 'Full-size epochs'}
-
+TITLES = {'decode': 'Per-clip cost', 'loaders': 'Loader throughput', 'train': 'Training step',
+          'peaks': 'Matmul peak', 'profile': 'Profile of the training step',
+          'full': 'main.py end to end, full-size twin'}
 
 def table(rows, columns):
     """Markdown table of rows with the columns some row has; blanks where a row lacks one."""
@@ -772,7 +749,8 @@ def markdown(results):
 
 
 def comparison_notes(results):
-    """One-line summaries: cached vs original, project vs reference."""
+    """One-line summaries: cached vs original, project vs reference, precision, memory
+    format and compile vs the fp32 step; compile failures."""
     notes = []
     decode = {row['method']: row for row in results.get('decode', [])}
     original = decode.get('original: moviepy + crop + log-mel')
@@ -793,9 +771,12 @@ def comparison_notes(results):
         if base and row is not base and row['model'].startswith('Model'):
             ratio = row['samples_per_s'] / base['samples_per_s']
             cpu = base['cpu_ms_per_step'] / row['cpu_ms_per_step']
+            compiled = f', compiled in {row["warmup_seconds"]:.0f} s' if row['compile'] else ''
             notes.append(f'CPU {row["model"]}, {row["precision"]}, channels_last '
-                         f'{row["channels_last"]}: {ratio:.2f}x the fp32 step\'s throughput '
-                         f'({cpu:.2f}x by CPU time).')
+                         f'{row["channels_last"]}{compiled}: {ratio:.2f}x the fp32 step\'s '
+                         f'throughput ({cpu:.2f}x by CPU time).')
+    notes += [f'{row["model"]} on {row["device"]}: {row["compile_failure"]}.'
+              for row in results.get('train', []) if row.get('compile_failure')]
     return notes
 
 
@@ -827,18 +808,26 @@ def run_sections(cfg, results, save, run_dir):
         model_cfg, base_types=cfg['base_types'], reference=cfg['reference'],
         batch_size=cfg['batch_size'], warmup=cfg['warmup_steps'], steps=cfg['train_steps'],
         rounds=cfg['train_rounds'], seed=cfg['seed'],
-        grid_base_types=cfg['cpu_grid_base_types'])
+        grid_base_types=cfg['cpu_grid_base_types'],
+        compile_base_types=cfg['cpu_compile_base_types'])
     save()
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         results['train'] += measure_train_cuda(
             model_cfg, base_types=cfg['base_types'], compile_base_types=cfg['compile_base_types'],
             batch_size=cfg['cuda_batch_size'], warmup=cfg['warmup_steps'],
             steps=cfg['train_steps'], seed=cfg['seed'])
+    results['peaks'] = measure_peaks(['cpu'] + (['cuda'] if cuda else []))
+    add_rates(results['train'], step_costs(model_cfg, cfg['base_types']), results['peaks'])
+    save()
+    if cfg['profile_steps']:
+        results['profile'] = measure_profile(
+            model_cfg, batch_size=cfg['cuda_batch_size'] if cuda else cfg['batch_size'],
+            steps=cfg['profile_steps'], seed=cfg['seed'])
         save()
     if cfg['full']:
         results['full'] = measure_full(cfg, run_dir)
         save()
-
 
 def run(argv=None):
     argv = sys.argv[1:] if argv is None else argv

@@ -44,8 +44,6 @@ Deterministic for a seed: each clip draws from its own generator seeded by
 the number of workers or the other clips rendered.
 """
 import csv
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +56,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cmvq import atomic, media
+from cmvq.pools import available_cores, process_pool
 from cmvq.twins import render
 from cmvq.twins.render import SynthError, rng_for
 
@@ -237,7 +236,7 @@ def generate(root, *, num_actors=MAX_ACTORS, seed=0, like=None, workers=1, nuisa
     atomic.write_json(root / MARKER, dict(params, complete=False))
     todo = [f for f in factors if not _done(root, f['name'])]
     jobs = [(str(root), f, traits[f['actor']], seed, duration_scale) for f in todo]
-    seconds = render.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
+    seconds = render.run_jobs(render_clip, jobs, workers or available_cores(), progress,
                              'synth_cremad')
     _write_outputs(root, planned, factors)
     atomic.write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
@@ -308,7 +307,7 @@ def probe_features(root, workers=1):
     names = _listing(root)
     paths = [root / 'VideoFlash' / f'{n}.flv' for n in names]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers, blas=False) as pool:  # log-mels as in the main process
             feats = list(pool.map(clip_features, paths, chunksize=8))
     else:
         feats = [clip_features(p) for p in paths]

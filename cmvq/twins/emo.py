@@ -23,7 +23,6 @@ Deterministic for a seed: each track draws from a generator seeded by (seed,
 crc32(key)), each speaker by (seed, speaker); the output does not depend on the
 number of workers.
 """
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from PIL import Image
 from scipy.signal import resample_poly
 
 from cmvq import atomic, media
+from cmvq.pools import available_cores
 import datasets
 from cmvq.twins import render
 from cmvq.twins.render import SynthError, rng_for
@@ -145,7 +145,7 @@ def generate(root, *, num_speakers=24, tracks_per_speaker=8, seed=0, workers=1, 
     atomic.write_json(root / MARKER, dict(params, complete=False))
     jobs = [(str(root), f, traits[f['speaker']], seed, duration_scale) for f in factors
             if not _done(root, f['name'], f['frames'])]
-    seconds = render.run_jobs(render_track, jobs, workers or os.cpu_count(), progress,
+    seconds = render.run_jobs(render_track, jobs, workers or available_cores(), progress,
                              'synth_emo')
     atomic.write_bytes(root / 'ground_truth.csv', render.csv_text(factors))
     atomic.write_json(root / MARKER, dict(params, complete=True, tracks=len(factors)))

@@ -30,13 +30,13 @@ import json
 import math
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 from scipy.signal import lfilter
 
 from cmvq import errors
+from cmvq.pools import process_pool
 from cmvq.progress import progress_bar
 
 FACE_CUES = ('brow_raise', 'brow_slant', 'eye_open', 'mouth_curve', 'mouth_width')
@@ -393,7 +393,7 @@ def run_jobs(render, jobs, workers, progress, desc):
         for chunk in chunks:
             bar.update(len(_render_chunk(chunk)))
     else:
-        with ProcessPoolExecutor(min(workers, len(chunks))) as pool:
+        with process_pool(min(workers, len(chunks))) as pool:
             for done in pool.map(_render_chunk, chunks):
                 bar.update(len(done))
     bar.close()

@@ -31,7 +31,6 @@ Deterministic for a seed: each clip draws from a generator seeded by (seed,
 crc32(name)), each subject by (seed, subject): a clip does not depend on the
 number of workers or the other clips.
 """
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from PIL import Image
 from scipy.signal import resample_poly
 
 from cmvq import atomic, media
+from cmvq.pools import available_cores
 from cmvq.twins import render
 from cmvq.twins.render import SynthError, rng_for
 
@@ -181,7 +181,7 @@ def generate(root, *, num_subjects=MAX_SUBJECTS, clips_per_emotion=15, sentences
     atomic.write_json(root / MARKER, dict(params, complete=False))
     jobs = [(str(root), f, traits[f['subject']], seed, duration_scale) for f in factors
             if not (root / f'{f["name"]}.avi').is_file()]
-    seconds = render.run_jobs(render_clip, jobs, workers or os.cpu_count(), progress,
+    seconds = render.run_jobs(render_clip, jobs, workers or available_cores(), progress,
                              'synth_rml')
     atomic.write_bytes(root / 'ground_truth.csv', render.csv_text(factors))
     atomic.write_json(root / MARKER, dict(params, complete=True, clips=len(factors)))
