@@ -429,12 +429,13 @@ class FailingCompiled(torch.nn.Module):
         raise RuntimeError('permute(sparse_coo): number of dimensions ...\nTraceback of it')
 
 
-def test_a_failing_first_compiled_step_falls_back_to_eager(run, workdir, monkeypatch, capsys):
+def test_a_failing_first_compiled_step_falls_back_to_eager(run, workdir, tmp_path, monkeypatch,
+                                                           capsys):
     """One log line, no traceback, and the eager run's numbers: the failed attempt's
     changes (BatchNorm statistics, EMA codebooks, dropout draws) are undone."""
     monkeypatch.setattr(torch, 'compile', lambda net, **options: FailingCompiled(net))
-    test = main.main(args(workdir, '--num_epoch=2', '--compile=True'))
-    run_dir, eager = newest_run(workdir), run[0]
+    test = main.main(args(workdir, '--num_epoch=2', '--compile=True', results=tmp_path))
+    run_dir, eager = only_run(tmp_path), run[0]
     log = (run_dir / 'log.txt').read_text()
     assert log.count('compile=True: the first compiled step failed (RuntimeError: '
                      'permute(sparse_coo): number of dimensions ...); training without '
