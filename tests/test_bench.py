@@ -109,5 +109,8 @@ def test_full_run_is_main_py_end_to_end(bench_data, tmp_path, monkeypatch):
     row, = bench.measure_full(cfg, tmp_path)
     assert row['epochs'] == 1 and row['train_items'] == 52 and row['device'] == 'cpu'
     assert row['wall_seconds'] > row['epochs_seconds'] > 0
-    assert 0 < row['tflops'] < row['peak_tflops'] and row['peak_percent'] > 0
+    # a 256-wide matmul is no real peak (the tiny step may beat it under load): the row
+    # relates the two rates measured in this run, whatever they are
+    assert row['tflops'] > 0 and row['peak_tflops'] > 0
+    assert row['peak_percent'] == pytest.approx(100 * row['tflops'] / row['peak_tflops'])
     assert (tmp_path / 'full').is_dir() and 0 <= row['test_accuracy'] <= 1
