@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tools import bench, reference_model
+from cmvq import reference_model
+from tools import bench
 import model as models
 from cmvq.configurator import ConfigError
 from cmvq import flops
