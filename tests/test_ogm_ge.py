@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import datasets
 import read_cremad
 from cmvq import cremad
 from cmvq.errors import BadValueError, MissingError
@@ -147,3 +148,9 @@ def test_read_cremad_builds_the_split_of_a_twin(twin, tmp_path, lists, capsys):
     printed = capsys.readouterr().out
     assert f'lists/ogm-ge/test.csv: {present} of its 744 clips listed in the tree' in printed
     assert '(ogm-ge split, seed 0)' in printed
+
+
+def test_the_released_split_tests_on_other_clips(shared, lists):
+    paths, _ = datasets.load_split(shared / 'cm-vqvae-split', 'test')
+    released = {datasets.clip_name(p) for p in paths}
+    assert len(released) == 744 and len(released & lists['test']) == 81
