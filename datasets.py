@@ -185,15 +185,16 @@ def cache_params(frame_jitter=CREMAD_JITTER, backend='pyav', decoder=None):
     return params
 
 
-def check_clips(paths, progress=True):
+def check_clips(paths, progress=True, size=CLIP_SIZE, fps=None):
     """Raise MediaError naming how many clips fail media.check_clip (container facts:
-    no audio, frame size, truncated, too short; ~2 ms a clip, no decoding) and the
-    first few with their reasons."""
+    no audio, frame size (size: (width, height), None: any), frame rate (fps, when
+    given), truncated, too short; ~2 ms a clip, no decoding) and the first few with
+    their reasons."""
     bad = {}
     for path in progress_bar(paths, desc='check clips', unit='clip',
                              enabled=progress and len(paths) >= 500):
         try:
-            media.check_clip(path, media.probe(path), CLIP_SIZE)
+            media.check_clip(path, media.probe(path), size, fps=fps)
         except media.MediaError as e:
             bad[path] = e.reason
         except Exception as e:  # the container cannot be opened
@@ -314,6 +315,8 @@ class CREMADDataset(Dataset):
 RML_EMOTIONS = ('happiness', 'sadness', 'anger', 'fear', 'surprise', 'disgust')
 RML_CODES = ('ha', 'sa', 'an', 'fe', 'su', 'di')
 RML_JITTER = 22                   # training frame within +-22 of the centre (released code)
+RML_FPS = 30                      # every RML clip; another frame rate is a MediaError
+RML_SUBJECTS = 8                  # subject folders s1 .. s8
 RML_DATASETS = ('RML', 'RML_probe')
 RML_BUILDER = 'python3 -m prepare.read_rml'
 RML_CROP = {240: 190}             # square centre crop by frame height; other heights: 380
@@ -345,8 +348,12 @@ def rml_subject(path):
     """'.../s3/ha3.avi' (or '.../s3/<language>/ha3.avi') -> 2: the subject folder s1..s8."""
     for part in reversed(Path(path).parts[:-1]):
         if part[:1].lower() == 's' and part[1:].isdigit():
+            if not 1 <= int(part[1:]) <= RML_SUBJECTS:
+                raise BadValueError(f'{str(path)!r}: subject folder {part} is outside '
+                                    f's1..s{RML_SUBJECTS} (RML has {RML_SUBJECTS} subjects)')
             return int(part[1:]) - 1
-    raise BadValueError(f'{path!r} is not inside an RML subject folder s1..s8')
+    raise BadValueError(f'{str(path)!r} is not inside an RML subject folder '
+                        f's1..s{RML_SUBJECTS}')
 
 
 def rml_face(frame):
@@ -395,13 +402,28 @@ class RMLDecoder:
             indices = window_indices(num_frames, frame_jitter)
             return indices if offsets is None else indices[np.asarray(offsets) + frame_jitter]
 
-        frames, audio, _, rate = media.read_flv(path, backend, pick)
+        frames, audio, _, rate = media.read_flv(path, backend, pick, fps=RML_FPS)
         faces = np.stack([rml_face(frame) for frame in frames])
         audio, rate = rml_audio(audio.mean(axis=0), rate, self.geometry)
         if not self.pitch_shifts:
             return faces, media.log_mel(audio, rate)
         return faces, np.stack([media.log_mel(librosa.effects.pitch_shift(
             audio, sr=rate, n_steps=shift), rate) for shift in self.pitch_shifts])
+
+
+def rml_decoder(audio_geometry='RML', modify_modal=False):
+    """The RMLDecoder of an RMLDataset: one log-mel per PITCH_SHIFTS entry with modify_modal."""
+    return RMLDecoder(audio_geometry, PITCH_SHIFTS if modify_modal else ())
+
+
+def rml_resolve_paths(paths, root=None):
+    """RML paths as stored, or remapped onto root (their last two parts, SUBJECT/NAME.avi)."""
+    return [str(p) if root is None else os.path.join(root, rml_clip_name(p)) for p in paths]
+
+
+def rml_clip_name(path):
+    """'.../s1/ha1.avi' -> 's1/ha1.avi': an RML clip's name (its file name repeats per subject)."""
+    return os.path.join(*Path(path).parts[-2:])
 
 
 def recolour_skin(face, rgb):
@@ -461,14 +483,13 @@ class RMLDataset(CREMADDataset):
     def __init__(self, data_path, split, *, frame_jitter=RML_JITTER, modify_modal=False,
                  audio_geometry='RML', **kwargs):
         self.modify_modal = modify_modal
-        self.decoder = RMLDecoder(audio_geometry, PITCH_SHIFTS if modify_modal else ())
+        self.decoder = rml_decoder(audio_geometry, modify_modal)
         super().__init__(data_path, split, frame_jitter=frame_jitter, **kwargs)
 
     def read_split(self, data_path, split, root):
         """(clip paths, labels (N, 4): emotion and _extra_labels) of the split config."""
         paths, emotions = load_rml_split(data_path, split)
-        paths = [str(p) if root is None else os.path.join(root, *Path(p).parts[-2:])
-                 for p in paths]
+        paths = rml_resolve_paths(paths, root)
         self.choices = modify_choices(len(paths), self.seed) if self.modify_modal else None
         return paths, np.column_stack([emotions, self._extra_labels(paths)]).astype(np.int64)
 
@@ -599,19 +620,32 @@ EMO_MEL = dict(n_fft=512, hop_length=160, win_length=400)  # released; librosa's
 # audio encoder (8x down) gives the 32x32 latent the TaskSolver needs.
 EMO_AUDIO_SIZE = 256
 EMO_SPLIT_FILES = ('image', 'audio', 'labels', 'index')
+EMO_BUILDER = 'python3 -m prepare.read_emo'
+# What an entry of each split file is (the released format).
+EMO_ENTRIES = {
+    'image': lambda x: (isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str)
+                        and pickles.is_int(x[1])),
+    'audio': lambda x: isinstance(x, str),
+    'labels': lambda x: isinstance(x, (list, np.ndarray)),
+    'index': pickles.is_int}
+EMO_ENTRY_NAMES = {'image': '(frame folder, number of frames) pairs', 'audio': 'WAV paths',
+                   'labels': 'per-frame logit arrays', 'index': 'video indices (ints)'}
 
 
 def load_emo_split(data_path, split):
     """{'image': [(frame folder, num_frames)], 'audio': [WAV path], 'labels': [(frames, 8)
     float32 teacher logits per video], 'index': [video of each item]} of a read_emo.py
-    split folder; ValueError names the file of a malformed or misaligned list."""
+    split folder; BadValueError names the file of a malformed or misaligned list."""
     lists = {}
     for kind in EMO_SPLIT_FILES:
         path = Path(data_path) / f'{split}_{kind}.pkl'
         if not path.is_file():
-            raise MissingError(f'split file {path} does not exist (build it with python3 -m '
-                               'prepare.read_emo)')
-        lists[kind] = list(pickles.read(path))
+            raise MissingError(f'split file {path} does not exist (build it with {EMO_BUILDER})')
+        lists[kind] = pickles.read(path)
+        if not isinstance(lists[kind], (list, tuple)) or not all(
+                map(EMO_ENTRIES[kind], lists[kind])):
+            raise BadValueError(f'{path} is not a list of {EMO_ENTRY_NAMES[kind]}: rebuild '
+                                f'{data_path} with {EMO_BUILDER}')
     where = f'{data_path} split {split!r}'
     if not len(lists['image']) == len(lists['audio']) == len(lists['index']):
         raise BadValueError(f'{where}: {len(lists["image"])} image, {len(lists["audio"])} audio '
@@ -626,6 +660,24 @@ def load_emo_split(data_path, split):
             raise BadValueError(f'{where}: item {i} ({folder}) has {count} frames but its logits '
                              f'are {lists["labels"][video].shape}, not ({count}, {len(FERPLUS)})')
     return lists
+
+
+def check_emo_tracks(lists, where, show=3):
+    """MissingError unless every item's frames (000001.jpg .. its count) and WAV exist
+    (one folder listing per track: no decoding, which read_emo.py did)."""
+    bad = []
+    for (folder, count), wav in zip(lists['image'], lists['audio'], strict=True):
+        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        gone = [frame_name(k) for k in range(count) if frame_name(k) not in names]
+        if gone:
+            bad.append(f'{folder}: {len(gone)} of its {count} frames are missing '
+                       f'({gone[0]}, ...)')
+        if not os.path.isfile(wav):
+            bad.append(f'{wav} is missing')
+    if bad:
+        more = f' (and {len(bad) - show} more)' if len(bad) > show else ''
+        raise MissingError(f'{where}: {"; ".join(bad[:show])}{more}; restore them or rebuild '
+                           f'the split files with {EMO_BUILDER}')
 
 
 def subsample_items(n, subsample):
@@ -690,13 +742,29 @@ class EmoVoxCelebDataset(Dataset):
 
 # ----------------------------------------------------------------------------- RML features
 
+FEAT_BUILDER = 'python3 -m prepare.make_features'
+
+
+def open_features(path):
+    """A feature array of a make_features.py folder, memory-mapped; one line naming a
+    missing, truncated or damaged file."""
+    try:
+        return np.load(path, mmap_mode='r')
+    except FileNotFoundError:
+        raise MissingError(f'{path} does not exist: rebuild {Path(path).parent} with '
+                           f'{FEAT_BUILDER}') from None
+    except (OSError, ValueError, EOFError) as e:
+        raise BadValueError(f'{path} cannot be read as an array ({e}): rebuild '
+                            f'{Path(path).parent} with {FEAT_BUILDER}') from None
+
+
 def feature_info(data_path):
     """features.json of a make_features.py folder (sizes, layers, models); ValueError
     naming the file when data_path is not such a folder."""
     path = Path(data_path) / 'features.json'
     if not path.is_file():
         raise MissingError(f'{path} does not exist: data_path={str(data_path)!r} is not a '
-                           'feature folder (write one with python3 -m prepare.make_features)')
+                           f'feature folder (write one with {FEAT_BUILDER})')
     return json.loads(path.read_text())
 
 
@@ -714,11 +782,19 @@ class RMLFeatDataset(Dataset):
                              f'({info["audio_bundle"]}); give one in 1..{count}')
         self.layer, self.train = layer, train
         self.files = {m: Path(data_path) / f'{split}_{m}.npy' for m in ('image', 'audio')}
-        self.labels = [int(e) for e in pickles.read(Path(data_path) / f'{split}_labels.pkl')]
-        rows = {m: np.load(path, mmap_mode='r').shape[0] for m, path in self.files.items()}
-        if set(rows.values()) != {len(self.labels)}:
-            raise BadValueError(f'{data_path} split {split!r}: {rows["image"]} image rows, '
-                             f'{rows["audio"]} audio rows, {len(self.labels)} labels')
+        _, labels = pickles.load_split_files(data_path, split, FEAT_BUILDER, flat=True)
+        self.labels = [int(e) for e in labels]
+        # (N, 16, Fi) image and (N, layers, 64, Fa) audio features, one row per label
+        want = {'image': (len(self.labels), None, info.get('image_features')),  # None: any
+                'audio': (len(self.labels), count, None, info.get('audio_features'))}
+        for m, path in self.files.items():
+            shape = open_features(path).shape
+            if len(shape) != len(want[m]) or any(w not in (None, n)
+                                                 for w, n in zip(want[m], shape, strict=True)):
+                expected = ', '.join('?' if w is None else str(w) for w in want[m])
+                raise BadValueError(f'{path} holds an array of shape {shape}, expected '
+                                    f'({expected}) ({len(self.labels)} labels); rebuild '
+                                    f'{data_path} with {FEAT_BUILDER}')
         self._arrays = None  # opened lazily, per process (DataLoader workers)
 
     def __len__(self):
@@ -727,7 +803,7 @@ class RMLFeatDataset(Dataset):
     def __getitem__(self, key):
         _, i = split_key(key)
         if self._arrays is None:
-            self._arrays = {m: np.load(path, mmap_mode='r') for m, path in self.files.items()}
+            self._arrays = {m: open_features(path) for m, path in self.files.items()}
         image = np.asarray(self._arrays['image'][i], np.float32)                 # (16, Fi)
         audio = np.asarray(self._arrays['audio'][i, self.layer - 1], np.float32)  # (64, Fa)
         return torch.from_numpy(image), torch.from_numpy(audio), self.labels[i]

@@ -23,19 +23,20 @@ layer = None                    # feature folders (RML_feat): the audio layer, 1
 FILES = ('train_image_var.pkl', 'train_audio_var.pkl')
 
 
-def read_variances(data_path, layer=None):
+def read_variances(data_path, layer=None, builder='read_cremad.py'):
     """data_path (a split config folder) -> (image_var, audio_var) as floats.
 
     A feature folder (prepare/make_features.py) holds one audio variance per layer:
     ``layer`` (1-based) picks one. A value that is not a finite number > 0 (it
-    divides the reconstruction loss) raises BadValueError naming the file.
+    divides the reconstruction loss) raises BadValueError naming the file and what
+    rebuilds it (builder: the command that wrote data_path).
     """
     values = []
     for name in FILES:
         path = Path(data_path) / name
         if not path.is_file():
             raise MissingError(f'{path} does not exist: build the split config with '
-                               f'read_cremad.py --data_path={data_path}')
+                               f'{builder} --data_path={data_path}')
         value = pickles.read(path)
         if isinstance(value, (list, tuple)):  # per layer
             if layer is None or not 1 <= layer <= len(value):
@@ -45,7 +46,7 @@ def read_variances(data_path, layer=None):
         if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                 or not math.isfinite(value) or value <= 0):
             raise BadValueError(f'{path} holds {value!r}: a variance must be a finite number '
-                                f'> 0; rebuild it with read_cremad.py --data_path={data_path}')
+                                f'> 0; rebuild it with {builder} --data_path={data_path}')
         values.append(float(value))
     return tuple(values)
 

@@ -27,23 +27,39 @@ import tempfile
 import threading
 from pathlib import Path
 
-from cmvq.errors import ExistsError
+from cmvq.errors import ExistsError, NoSpaceError
 
 
 def write(path, writer):
     """Call writer(temporary_path), then rename the result to path.
 
     The temporary name keeps the suffix (.flv, .wav, ...) so format detection by
-    extension still works; a writer that fails leaves nothing behind.
+    extension still works; a writer that fails leaves nothing behind, and a full disk
+    is a NoSpaceError naming the file.
     """
     path = Path(path)
     tmp = path.with_name(f'.{path.stem}.tmp{os.getpid()}{path.suffix}')
     try:
         writer(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise NoSpaceError(f'disk full while writing {path} (the file there is unchanged);'
+                               ' free space on that disk') from None
         raise
+
+
+def disk_full(error):
+    """True if error, or one it was raised from or while handling (torch.save turns
+    ENOSPC into a RuntimeError), is ENOSPC or EDQUOT."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_bytes(path, data):
@@ -133,12 +149,14 @@ def write_folder(target, fill, overwrite=False):
     """Call fill(temporary folder), then rename that folder to ``target``.
 
     An interruption (an exception, SIGTERM, or SIGKILL followed by
-    remove_stale_temps) leaves ``target`` as it was. overwrite=False refuses a
+    remove_stale_temps, which the next write of ``target`` runs first) leaves
+    ``target`` as it was. overwrite=False refuses a
     non-empty target with ExistsError (a FileExistsError), decided by the rename
     itself, so two concurrent writers cannot both succeed; overwrite=True swaps
     the folders in one atomic exchange (Linux renameat2), then removes the old one.
     """
     target = Path(target)
+    remove_stale_temps(target.parent, target.name)
     tmp = temp_folder(target)
     try:
         with sigterm_raises():

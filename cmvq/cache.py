@@ -53,15 +53,16 @@ def fingerprint(paths, params):
     return h.hexdigest()
 
 
-def check_clips_exist(paths, show=5):
-    """Raise MediaError saying how many of ``paths`` are missing and naming the first few."""
+def check_clips_exist(paths, show=5, hint='set media_root to your CREMA-D copy or rebuild '
+                      'the split configs with read_cremad.py'):
+    """Raise MediaError saying how many of ``paths`` are missing, naming the first few,
+    then what to do (hint: the dataset's)."""
     missing = [str(p) for p in paths if not os.path.isfile(p)]
     if missing:
         first = f'the first {show}' if len(missing) > show else 'they are'
         raise media.MediaError(
             f'{len(missing)} of {len(paths)} clips are missing ({first}: '
-            f'{", ".join(missing[:show])}); set media_root to your CREMA-D copy or rebuild '
-            'the split configs with read_cremad.py')
+            f'{", ".join(missing[:show])}); {hint}')
 
 
 

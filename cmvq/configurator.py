@@ -21,8 +21,11 @@ argument has been checked. A config file is Python code, run as it is: run only 
 own.
 """
 import ast
+import os
 import re
 import sys
+import traceback
+import types
 from pathlib import Path
 
 from cmvq.errors import BadValueError
@@ -102,15 +105,43 @@ def _describe(allowed):
 
 
 def read_config_file(path):
-    """Top-level assignments of a Python config file, as a dict."""
+    """Top-level assignments of a Python config file, as a dict: numpy scalars become
+    Python numbers and paths (os.PathLike) str; modules, classes and functions are
+    skipped; any other type, a syntax error or an exception while running the file
+    is a ConfigError naming the file (and line)."""
     namespace = {}
     try:
         with open(path) as f:
             exec(compile(f.read(), path, 'exec'), namespace)
     except FileNotFoundError:
         raise ConfigError(f'config file {path!r} does not exist') from None
-    return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and type(v) in _CONFIG_TYPES}
+    except SyntaxError as e:
+        raise ConfigError(f'config file {path}, line {e.lineno}: {e.msg}') from None
+    except Exception as e:  # noqa: BLE001 - whatever the user's code raised
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if f.filename == str(path)), '?')
+        raise ConfigError(f'config file {path}, line {line}: {type(e).__name__}: {e}') from None
+    return {k: _plain(v, k, path) for k, v in namespace.items()
+            if not k.startswith('_') and not _is_code(v)}
+
+
+def _is_code(value):
+    """Modules, classes and functions a config file imports or defines: not settings."""
+    return isinstance(value, types.ModuleType) or callable(value)
+
+
+def _plain(value, key, path):
+    """A config file's value as a header constant's type (see read_config_file)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, key, path) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ == 'numpy' and getattr(value, 'ndim', None) == 0:
+        return value.item()  # a numpy scalar (np.int64(3) -> 3); numpy is not imported here
+    if type(value) not in _CONFIG_TYPES:
+        raise ConfigError(f'{key} in config file {path} is a {type(value).__name__}; '
+                          'settings are bool, int, float, str, tuple, list or None')
+    return value
 
 
 def configure(defaults, argv=None, choices=None):
@@ -124,16 +155,7 @@ def configure(defaults, argv=None, choices=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = {k: defaults[k] for k in config_keys(defaults)}
     answer_help(cfg, argv)
-    overrides = []
-    for arg in argv:
-        if arg.startswith('--'):
-            key, sep, text = arg[2:].partition('=')
-            if not sep:
-                raise ConfigError(f'{arg!r}: overrides are written --key=value')
-            overrides.append((key, parse_value(text), arg))
-        else:
-            overrides += [(k, v, arg) for k, v in read_config_file(arg).items()]
-    for key, value, source in overrides:
+    for key, value, source in overrides(argv):
         if key not in cfg:
             raise ConfigError(f'unknown config key {key!r} (from {source!r}); '
                               f'valid keys: {", ".join(sorted(cfg))}')
@@ -143,6 +165,21 @@ def configure(defaults, argv=None, choices=None):
             raise ConfigError(f'{key}={value!r} is not allowed; '
                               f'allowed: {_describe(choices[key])}')
     return cfg
+
+
+def overrides(argv):
+    """[(key, value, the argument it came from)] of argv's config files and --key=value
+    pairs, in order (a later one wins)."""
+    out = []
+    for arg in argv:
+        if arg.startswith('--'):
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                raise ConfigError(f'{arg!r}: overrides are written --key=value')
+            out.append((key, parse_value(text), arg))
+        else:
+            out += [(k, v, arg) for k, v in read_config_file(arg).items()]
+    return out
 
 
 def answer_help(defaults, argv):

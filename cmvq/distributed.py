@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=N main.py [config] [--key=value ...]
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (python main.py) every
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (python3 main.py) every
 function here is the single-process no-op, so main.py runs as before. In a run of N
 processes each rank trains on batch_size / N items of every global batch and
 DistributedDataParallel averages the gradients; what else must agree across ranks
@@ -11,8 +11,11 @@ whole split (ShardSampler + gather), and one writer (rank 0). The EMA codebook
 statistics are summed across ranks by model.VectorQuantizerEMA itself.
 """
 import os
+import socket
+import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -66,7 +69,45 @@ def init(device):
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        _PEERS[:] = all_gather((socket.gethostname(), os.getpid()))
     return ctx
+
+
+_PEERS = []  # (host, pid) of each rank, gathered when the process group starts
+
+
+def ended_note(wait=2.0):
+    """'rank R of N (pid P) ended first' when another process of this run on this node
+    has ended (exited, or killed and not yet reaped), else ''. A rank that ends breaks
+    the others' collectives, so a failure here may be its consequence; its end is
+    polled for up to `wait` s (the broken connection can arrive first). Ranks on other
+    nodes cannot be seen from here."""
+    host, me = socket.gethostname(), context().rank
+    deadline = time.monotonic() + wait
+    while _PEERS:
+        ended = [(r, pid) for r, (h, pid) in enumerate(_PEERS)
+                 if r != me and h == host and not _running(pid)]
+        if ended:
+            return '; '.join(f'rank {r} of {len(_PEERS)} (pid {pid}) ended first'
+                             for r, pid in ended)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return ''
+
+
+def _running(pid):
+    """True while process pid runs (a zombie, killed but not reaped, has ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] not in 'ZX'
+    except (OSError, IndexError):
+        return True
 
 
 def close():

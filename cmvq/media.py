@@ -41,6 +41,7 @@ SPEC_FRAMES = 256            # log-mel centre-cropped / reflect-padded to 256 fr
 # (a truncated file keeps its header's duration: 13 of ~31 frames).
 MIN_SECONDS = 0.5
 MIN_FRAME_FRACTION = 0.8
+FPS_TOLERANCE = 0.5          # a clip's frame rate, when checked: 30 accepts 29.97
 
 
 class MediaError(UserError, RuntimeError):
@@ -137,7 +138,7 @@ def read_wav(path):
 
 
 def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS,
-             audio_like_moviepy=False):
+             audio_like_moviepy=False, fps=None):
     """Decode a clip (FLV, AVI or any container FFmpeg reads): (frames (T, H, W, 3)
     uint8 RGB, audio (C, N) float32 in [-1, 1], fps, rate).
 
@@ -150,7 +151,8 @@ def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS
     log-mel frames more or fewer, which shifts the centre crop.
     Raises MediaError (path, reason) for a clip that cannot be decoded, has no
     audio stream, is truncated (see MIN_FRAME_FRACTION), is shorter than
-    min_seconds, or whose frames are not size=(width, height) when given.
+    min_seconds, or whose frames are not size=(width, height) or whose frame rate is
+    not fps, when given.
     """
     readers = {'pyav': _read_pyav, 'moviepy': _read_moviepy}
     if backend not in readers:
@@ -158,7 +160,7 @@ def read_flv(path, backend='pyav', pick=None, size=None, min_seconds=MIN_SECONDS
     pick = pick or (lambda n: range(n))
     try:
         info = probe(path)
-        check_clip(path, info, size, min_seconds)
+        check_clip(path, info, size, min_seconds, fps)
         frames, audio, fps, rate = readers[backend](str(path), pick)
         if audio_like_moviepy and backend == 'pyav':
             audio = moviepy_audio(audio, info['duration'], rate)
@@ -186,13 +188,16 @@ def probe(path):
     return info
 
 
-def check_clip(path, info, size=None, min_seconds=MIN_SECONDS):
-    """Raise MediaError naming the first failed check of a probed/decoded clip."""
+def check_clip(path, info, size=None, min_seconds=MIN_SECONDS, fps=None):
+    """Raise MediaError naming the first failed check of a probed/decoded clip (size:
+    (width, height), fps: frame rate, each checked when given)."""
     if not info['audio']:
         raise MediaError(path, 'no audio stream')
     if size is not None and (info['width'], info['height']) != tuple(size):
         raise MediaError(path, f'frame size {info["width"]}x{info["height"]}, '
                                f'expected {size[0]}x{size[1]}')
+    if fps is not None and abs(info['fps'] - fps) > FPS_TOLERANCE:
+        raise MediaError(path, f'frame rate {info["fps"]:.4g} fps, expected {fps}')
     promised = info['duration'] * info['fps']
     if info['frames'] < MIN_FRAME_FRACTION * promised:
         raise MediaError(path, f'truncated: {info["frames"]} frames, but its container '
@@ -299,6 +304,17 @@ def read_jpeg(path, size):
             return np.asarray(image.convert('RGB').resize((size, size), Image.BILINEAR))
     except OSError as e:
         raise MediaError(f'cannot read image {path}: {e}') from e
+
+
+def check_image(path):
+    """MediaError naming an image file that does not decode (a zero-byte or truncated
+    JPEG); decoded at 1/8 scale where the format allows (JPEG DCT scaling: fast)."""
+    try:
+        with Image.open(path) as image:
+            image.draft('RGB', (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(path, f'cannot decode image: {e}') from e
 
 
 def fit_frames(spec, length=SPEC_FRAMES):

@@ -37,10 +37,9 @@ class Runtime:
 
     def __init__(self, cfg):
         self.device = resolve_device(cfg)
-        cuda = self.device.type == 'cuda'
-        self.amp = cfg['amp'] == 'bf16' or (cfg['amp'] == 'auto' and auto_amp(self.device))
-        self.channels_last = cfg['channels_last'] is True or cfg['channels_last'] == 'auto'
-        self.pin_memory = cuda
+        used = precision(cfg, self.device)
+        self.amp, self.channels_last = used['bf16_autocast'], used['channels_last']
+        self.pin_memory = self.device.type == 'cuda'
         self.compile, self.compile_problem = bool(cfg.get('compile', False)), None
         if self.compile:
             self.compile_problem = compile_problem(self.device)
@@ -81,6 +80,13 @@ class Runtime:
         if ctx.world_size > 1:
             text += f'; process {ctx.rank} of {ctx.world_size} (torchrun)'
         return text
+
+
+def precision(cfg, device):
+    """What a run of cfg computes in on device: {'bf16_autocast': bool, 'channels_last':
+    bool} (recorded in the run's environment.json; tools/sweep.py compares it)."""
+    return {'bf16_autocast': cfg['amp'] == 'bf16' or (cfg['amp'] == 'auto' and auto_amp(device)),
+            'channels_last': cfg['channels_last'] is True or cfg['channels_last'] == 'auto'}
 
 
 def auto_amp(device):

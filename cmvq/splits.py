@@ -33,9 +33,11 @@ def split_counts(n, sizes=PAPER_SIZES):
     return n - val - test, val, test
 
 
-def check_disjoint(split_paths, where=''):
-    """Raise BadValueError if a clip (by file name) is in two splits: {split: paths}."""
-    names = {s: {datasets.clip_name(p) for p in paths} for s, paths in split_paths.items()}
+def check_disjoint(split_paths, where='', name=None):
+    """Raise BadValueError if a clip is in two splits: {split: paths}; clips are told apart
+    by name(path) (default: the file name, CREMA-D's clip name)."""
+    name = name or datasets.clip_name
+    names = {s: {name(p) for p in paths} for s, paths in split_paths.items()}
     for a, b in itertools.combinations(names, 2):
         both = sorted(names[a] & names[b])
         if both:

@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 import datasets
 from cmvq import distributed
 from cmvq import groups as group_metrics
-from cmvq.errors import UserError
+from cmvq.errors import UserError, one_line
 from cmvq.loaders import make_loaders, set_epoch, train_variances
 from cmvq.loss import class_criterion, class_targets, compute_loss, describe_loss
 from cmvq.progress import progress_bar
@@ -191,7 +191,7 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
     best, first = float('inf'), 1
     if resume:
-        first, best, history = load_state(last, model, optimizer, loaders, runtime)
+        first, best, history = load_state(last, model, optimizer, loaders)
         log(f'Resumed from {last} after epoch {first - 1} (best val {monitor} {best:.4f})')
     if distributed.active():  # same weights everywhere (DDP broadcast them), own dropout draws
         torch.manual_seed(cfg['seed'] + 1000 * distributed.context().rank + first)
@@ -226,33 +226,60 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
 def save_state(path, model, optimizer, loaders, epoch, best, history):
     """Everything a later epoch depends on, written atomically: model and optimizer
     state, the epoch done, best-so-far, history, and every RNG state (the training
-    data draws are a function of (seed, epoch) and need none)."""
+    data draws are a function of (seed, epoch) and need none). Tensors and plain
+    values only, so that load_state reads it with weights_only=True."""
     save_torch(path, {
         'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
         'best': best, 'history': history, 'rng': {
-            'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
-            'python': random.getstate(),
+            'torch': torch.get_rng_state(), 'numpy': _numpy_rng(), 'python': _python_rng(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             'loaders': {k: dl.generator.get_state() for k, dl in loaders.items()
                         if isinstance(getattr(dl, 'generator', None), torch.Generator)}}})
 
 
-def load_state(path, model, optimizer, loaders, runtime):
+def load_state(path, model, optimizer, loaders):
     """Restore save_state's file into model, optimizer, loaders and the RNGs;
     returns (first epoch to train, best-so-far, history)."""
-    # our own file: it holds numpy/python RNG states, which weights_only refuses
-    state = load_checkpoint(path, weights_only=False)
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    rng = state['rng']
-    torch.set_rng_state(rng['torch'].cpu())
-    np.random.set_state(rng['numpy'])
-    random.setstate(rng['python'])
-    if rng['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng['cuda']])
-    for key, generator_state in rng['loaders'].items():
-        loaders[key].generator.set_state(generator_state.cpu())
-    return state['epoch'] + 1, state['best'], state['history']
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        rng = state['rng']
+        torch.set_rng_state(rng['torch'].cpu())
+        _numpy_rng(rng['numpy'])
+        _python_rng(rng['python'])
+        if rng['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng['cuda']])
+        for key, generator_state in rng['loaders'].items():
+            loaders[key].generator.set_state(generator_state.cpu())
+        return state['epoch'] + 1, state['best'], state['history']
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f'{path} is not the training state of this run '
+                        f'({type(e).__name__}: {one_line(e)[:200]}); start a new run') from None
+
+
+def _numpy_rng(state=None):
+    """numpy's global RNG state as tensors and plain values; or, given one, restore it."""
+    if state is None:
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}
+    np.random.set_state(('MT19937', state['keys'].numpy().astype(np.uint32), state['pos'],
+                         state['has_gauss'], state['cached_gaussian']))
+    return state
+
+
+def _python_rng(state=None):
+    """random's state as tensors and plain values; or, given one, restore it."""
+    if state is None:
+        version, internal, gauss = random.getstate()  # internal: 625 ints < 2**32
+        return {'version': version, 'internal': torch.tensor(internal, dtype=torch.int64),
+                'gauss_next': gauss}
+    random.setstate((state['version'], tuple(state['internal'].tolist()),
+                     state['gauss_next']))
+    return state
+
+
 def epoch_block(epoch, num_epoch, train, train_acc, val, seconds):
     """The log's per-epoch block, in the released log's spirit."""
     def fmt(stats, acc):

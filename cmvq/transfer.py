@@ -11,15 +11,15 @@ pre-VQ convs, the quantizers (codebook and EMA state) and the decoders, plus the
 TaskSolver's mask when both have one (reset_mask=True restores its initial
 value afterwards, for the seed's comparisons of knowledge transfer). The
 classifier always starts from scratch (its classes are another dataset's).
+``check``, run before the run folder exists, loads the source's checkpoints and
+refuses a source that gives this model nothing (e.g. a base_type 4 run).
 """
-import json
 from pathlib import Path
 
-import torch
-
 import datasets
+from cmvq.config import build_model
 from cmvq.errors import BadValueError, MissingError
-from cmvq.runs import CHECKPOINTS, trained_by
+from cmvq.runs import CHECKPOINTS, load_checkpoint, read_json, trained_by
 
 VQVAE_PARTS = ('encoders', 'pre_vq', 'quantizers', 'decoders')
 WIDTH_KEYS = ('num_hiddens', 'num_residual_hiddens', 'num_residual_layers', 'embedding_dim',
@@ -37,7 +37,7 @@ def source_config(cfg):
         raise MissingError(f'pretrained_timestamp={cfg["pretrained_timestamp"]!r}: '
                            f'{run_dir} is not a trained run; trained runs in {results}: '
                            f'{", ".join(runs) or "none"}')
-    return run_dir, json.loads((run_dir / 'config.json').read_text())
+    return run_dir, read_json(run_dir / 'config.json')
 
 
 def resolve(cfg):
@@ -84,39 +84,66 @@ def source_state(run_dir):
     state = {}
     for name in SOURCE_FILES:
         if (run_dir / name).is_file():
-            checkpoint = torch.load(run_dir / name, map_location='cpu', weights_only=True)
-            state.update({_key(k): v for k, v in checkpoint['model'].items()})
+            state.update({_key(k): v for k, v in load_checkpoint(run_dir / name)['model'].items()})
     return state
+
+
+def plan(target, source, run_dir):
+    """What a transfer copies into a model whose state dict is target: ({key: source
+    tensor}, modules copied, modules the source lacks); BadValueError on a shape that
+    differs."""
+    copies, done, missing = {}, set(), set()
+    for name, tensor in target.items():
+        module = _module(_key(name))
+        if module is None:
+            continue
+        value = source.get(_key(name))
+        if value is None:
+            missing.add(module)
+        elif value.shape != tensor.shape:
+            raise BadValueError(f'pretrained: {name} has shape {tuple(value.shape)} in '
+                                f'{run_dir}, {tuple(tensor.shape)} here')
+        else:
+            copies[name] = value
+            done.add(module)
+    return copies, done, missing
+
+
+def check(cfg):
+    """Before the run folder exists: the source's checkpoints load and give this run's
+    model something to start from; otherwise one line naming the source."""
+    run_dir, saved = source_config(cfg)
+    _, done, _ = plan(build_model(cfg).state_dict(), source_state(run_dir), run_dir)
+    if not done:
+        raise _nothing(cfg, run_dir, saved)
+
+
+def _nothing(cfg, run_dir, saved):
+    return BadValueError(f'pretrained_timestamp={cfg["pretrained_timestamp"]!r}: {run_dir} '
+                         f'(base_type {saved.get("base_type")!r}) holds none of the modules a '
+                         f'transfer copies ({", ".join(VQVAE_PARTS)}, mask): nothing to start '
+                         'from; choose a run of base_type 0, 1, 2 or 3')
 
 
 def apply(nets, cfg, log):
     """Copy the source's VQ-VAE modules (and mask) into ``nets`` (a model, or the
-    two stages of main_separate.py); returns {'transferred': [...], 'missing': [...]}."""
-    run_dir, _ = source_config(cfg)
+    two stages of main_separate.py); returns {'transferred': [...], 'missing': [...]}.
+    A source that gives nothing is an error (check() says so before the run)."""
+    run_dir, saved = source_config(cfg)
     source = source_state(run_dir)
     done, missing = set(), set()
     for net in nets:
-        target = net.state_dict()
-        copies = {}
-        for name, tensor in target.items():
-            module = _module(_key(name))
-            if module is None:
-                continue
-            value = source.get(_key(name))
-            if value is None:
-                missing.add(module)
-            elif value.shape != tensor.shape:
-                raise BadValueError(f'pretrained: {name} has shape {tuple(value.shape)} in '
-                                 f'{run_dir}, {tuple(tensor.shape)} here')
-            else:
-                copies[name] = value
-                done.add(module)
-        net.load_state_dict({**target, **copies})
+        copies, copied, lacking = plan(net.state_dict(), source, run_dir)
+        net.load_state_dict({**net.state_dict(), **copies})
         if cfg['reset_mask'] and hasattr(net, 'reset_mask'):
             net.reset_mask()
+        done |= copied
+        missing |= lacking
+    if not done:
+        raise _nothing(cfg, run_dir, saved)
     missing -= done
     log(f'Pretrained from {run_dir} (audio geometry {cfg["audio_geometry"]!r}): transferred '
-        f'{", ".join(sorted(done)) or "nothing"}'
+        f'{", ".join(sorted(done))}'
         + (f'; not in the source (left as initialised): {", ".join(sorted(missing))}'
            if missing else '')
         + ('; mask reset after loading' if cfg['reset_mask'] and 'mask' in done else ''))

@@ -13,8 +13,9 @@ from cmvq.config import model_config, optional_positive_int
 from cmvq.configurator import ConfigError
 from cmvq.experiment import evaluate_saved, prepare_data, resolve_run
 from cmvq.outputs import finish
-from cmvq.preflight import check_test_split, preflight, split_fingerprint
-from cmvq.runs import Log, load_checkpoint, load_model, logged, saved_config, start_run
+from cmvq.preflight import check_splits, preflight, split_fingerprint
+from cmvq.runs import (Log, check_checkpoints, load_model, load_weights, logged, saved_config,
+                       start_run)
 from cmvq.runtime import resolve_device
 from cmvq.train import evaluate, fit, setup, test_block
 
@@ -27,17 +28,25 @@ def main(defaults, argv=None):
     """main_separate.py: defaults is its header; returns the test metrics."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = resolve(defaults, argv)
-    if cfg['robustness'] or cfg['resume']:
-        raise ConfigError('robustness and resume apply to main.py runs only')
+    if cfg['robustness']:
+        raise ConfigError('robustness=True: evaluate the run with python3 main.py '
+                          f'--timestamp={cfg["timestamp"] or "<run>"} --robustness=True '
+                          '(main.py evaluates two-stage runs under corruption too)')
+    if cfg['resume']:
+        raise ConfigError('resume applies to main.py runs (main_separate.py saves no last.pt); '
+                          'start the two-stage run again')
     distributed.init(resolve_device(cfg))
     if cfg['timestamp']:
         run_dir, cfg = saved_config(cfg, 'main_separate.py')
         preflight(cfg, splits=('test',))
-        check_test_split(cfg, run_dir)
+        check_splits(cfg, run_dir)
+        check_checkpoints(run_dir)
         return evaluate_saved(cfg, run_dir, Log(run_dir / 'log.txt', distributed.context().rank))
     with distributed.main_first():
         prepare_data(cfg)
     preflight(cfg)
+    if cfg['pretrained']:
+        transfer.check(cfg)
     run_dir, log = start_run(cfg, argv, split_fingerprint(cfg))
     return train(cfg, run_dir, log)
 
@@ -69,7 +78,7 @@ def train(cfg, run_dir, log):
         f'{cfg["num_epoch_vae"]} epochs on reconstruction')
     stage1 = fit(vqvae, loaders, runtime, variances, cfg, log, run_dir / 'model_vae.pt',
                  num_epoch=cfg['num_epoch_vae'], monitor='loss')
-    vqvae.load_state_dict(load_checkpoint(run_dir / 'model_vae.pt')['model'])
+    load_weights(vqvae, run_dir / 'model_vae.pt')
     net = models.ModelTwoStage(vqvae, solver)
     log(f'Stage 2: TaskSolver on frozen codes, {models.count_parameters(net):,} trainable '
         f'parameters, {cfg["num_epoch_solver"]} epochs')

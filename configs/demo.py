@@ -1,6 +1,6 @@
 # CPU demo: a 12-actor synthetic CREMA-D twin (made on first use) and reduced widths.
-# python main.py configs/demo.py   (about 5 minutes on 2 cores, see README.md)
-# python main_separate.py configs/demo.py   (two-stage: num_epoch VQ-VAE + num_epoch solver epochs)
+# python3 main.py configs/demo.py   (about 4 minutes on 2 cores, see README.md)
+# python3 main_separate.py configs/demo.py   (two-stage: num_epoch VQ-VAE + num_epoch solver epochs)
 message = 'CPU demo: reduced-width CM-VQVAE on a 12-actor synthetic CREMA-D twin'
 data_path = 'data_cremad_demo'
 twin_actors = 12

@@ -1,9 +1,11 @@
 # CPU demo on RML: the synthetic RML twin, demo widths (those of configs/demo.py), the
 # by-user split (its recommended 10 epochs). Make the twin and its splits first:
-#   python synth_rml.py --root=synth_rml/demo/RML --clips_per_emotion=5 --duration_scale=0.5
-#   python read_rml.py --root=synth_rml/demo/RML --split_by=user --data_path=data_rml_demo_by_user
-# then: python main.py configs/demo_rml.py [--modify_modal=True] [--pretrained=True
-#   --pretrained_timestamp=<a run of configs/demo.py>]   (see README.md, RML)
+#   python3 -m prepare.synth_rml --root=synth_rml/demo/RML --clips_per_emotion=5 \
+#       --duration_scale=0.5
+#   python3 -m prepare.read_rml --root=synth_rml/demo/RML --split_by=user \
+#       --data_path=data_rml_demo_by_user
+# then: python3 main.py configs/demo_rml.py [--modify_modal=True] [--pretrained=True
+#   --pretrained_timestamp=<a run of configs/demo.py>]   (see docs/rml.md)
 message = 'CPU demo: reduced-width CM-VQVAE on the synthetic RML twin (by-user split)'
 dataset = 'RML'
 data_path = 'data_rml_demo_by_user'

@@ -28,8 +28,10 @@ Writes feat_path/ as a whole (all files or none):
 RMLFeatDataset(feat_path, split, layer=7) reads one layer (1 = the first
 transformer layer). Weights: 'download' uses the library's own loader (torchvision
 get_model(weights='DEFAULT'), torchaudio bundle.get_model(); needs internet once,
-then torch.hub's cache), a path loads a state dict from that local file, None
-keeps the random initialisation (tests; meaningless features).
+then torch.hub's cache), a path loads a state dict from that local file (tensors
+only: weights_only=True; a missing or foreign file is one line naming it), None
+keeps the random initialisation (tests; meaningless features). A killed run's
+temporary folder (.<feat_path>.tmp-*) is removed on the next run.
 """
 from math import gcd
 from pathlib import Path
@@ -46,6 +48,7 @@ from cmvq import atomic, media
 from cmvq.configurator import configure
 from cmvq.errors import BadValueError, ExistsError, run_script
 from cmvq.progress import progress_bar
+from cmvq.runs import load_weights
 from model_feat import frame_indices
 
 # ----------------------------------------------------------------------------- config
@@ -90,7 +93,7 @@ def build_image_model(name, weights):
     except ValueError as e:
         raise BadValueError(f'image_model={name!r}: {e}') from None
     if weights not in ('download', None):
-        net.load_state_dict(torch.load(weights, map_location='cpu'))
+        load_weights(net, weights, key=None)
     parent, last = _last_linear(net)
     size = getattr(parent, last).in_features
     setattr(parent, last, torch.nn.Identity())  # (B, F): the penultimate features
@@ -129,7 +132,7 @@ class AudioModel(torch.nn.Module):
             params = {**bundle._params, **(TINY_AUDIO if size == 'tiny' else {})}
             self.net = torchaudio.models.wav2vec2_model(**params)
             if weights not in ('download', None):
-                self.net.load_state_dict(torch.load(weights, map_location='cpu'))
+                load_weights(self.net, weights, key=None)
         self.net.eval()
 
     def forward(self, waveform):

@@ -24,8 +24,10 @@ so index is 0..n-1; the files keep the seed's indirection.
 
 split_by='track' splits the shuffled tracks in the proportions of split_sizes;
 'speaker' splits the shuffled speakers (no speaker in two splits). Every track is
-checked first (frames numbered 000001.jpg.. without gaps, one logits row per
-frame, 16 kHz WAV): a bad one stops the build naming its file, nothing written.
+checked first (frames numbered 000001.jpg.. without gaps that all decode, one finite
+logits row per frame, 16 kHz WAV of at least 0.5 s), as read_cremad.py checks its
+clips: a bad one is dropped, named with its reason in the output and in
+split.json's 'dropped'; a split left without tracks stops the build, nothing written.
 """
 import os
 from collections import Counter
@@ -36,7 +38,8 @@ import numpy as np
 import datasets
 from cmvq import atomic, media
 from cmvq.configurator import configure
-from cmvq.errors import BadValueError, ExistsError, MissingError, run_script
+from cmvq.errors import (BadValueError, ExistsError, MissingError, UserError, one_line,
+                         run_script)
 from cmvq.progress import progress_bar
 from cmvq.splits import SPLITS, RunningVariance, split_counts
 
@@ -66,8 +69,10 @@ def list_tracks(root):
 
 
 def check_track(root, key):
-    """(frame folder, number of frames, WAV, logits (T, 8)) of a well-formed track;
-    BadValueError or MediaError naming the file of a malformed one."""
+    """(frame folder, number of frames, WAV, logits (T, 8)) of a well-formed track: frames
+    numbered without gaps that all decode, one finite logits row per frame, 16 kHz
+    audio of at least media.MIN_SECONDS. A UserError (BadValueError, MissingError,
+    MediaError) names the file of a malformed one."""
     folder, wav, npy = datasets.track_paths(root, key)
     names = sorted(p.name for p in folder.glob('*.jpg')) if folder.is_dir() else []
     if not names:
@@ -75,16 +80,35 @@ def check_track(root, key):
     if names != [datasets.frame_name(k) for k in range(len(names))]:
         raise BadValueError(f'{folder}: frames must be numbered 000001.jpg..'
                          f'{datasets.frame_name(len(names) - 1)} without gaps')
+    for name in names:
+        media.check_image(folder / name)
     if not npy.is_file():
         raise MissingError(f'{npy} does not exist (the teacher logits of {key})')
-    logits = np.load(npy)
+    try:
+        logits = np.load(npy)
+    except (OSError, ValueError, EOFError) as e:
+        raise BadValueError(f'{npy} cannot be read as an array: {e}') from None
     if logits.shape != (len(names), len(datasets.FERPLUS)) or not np.isfinite(logits).all():
         raise BadValueError(f'{npy}: logits {logits.shape} must be finite and '
                          f'({len(names)}, {len(datasets.FERPLUS)}): one row per frame')
-    _, rate = media.read_wav(wav)
+    samples, rate = media.read_wav(wav)
     if rate != datasets.EMO_RATE:
         raise BadValueError(f'{wav}: {rate} Hz; EmoVoxCeleb WAVs are {datasets.EMO_RATE} Hz')
+    if len(samples) < media.MIN_SECONDS * rate:
+        raise BadValueError(f'{wav}: too short: {len(samples) / rate:.3f} s of audio, minimum '
+                            f'{media.MIN_SECONDS} s')
     return str(folder), len(names), str(wav), logits.astype(np.float32)
+
+
+def check_tracks(root, keys, progress=True):
+    """({key: check_track's tuple} of the good tracks, {key: reason} of the others)."""
+    good, bad = {}, {}
+    for key in progress_bar(keys, desc='check tracks', unit='track', enabled=progress):
+        try:
+            good[key] = check_track(root, key)
+        except UserError as e:
+            bad[key] = one_line(e)
+    return good, bad
 
 
 # ----------------------------------------------------------------------------- planning
@@ -139,23 +163,30 @@ def compute_variances(tracks, progress=True):
 
 def build_splits(root, data_path, *, seed=0, split_by='track', sizes=(8, 1, 1),
                  overwrite=False, progress=True):
-    """Check every track of root, then write the split files into data_path as a whole
-    (atomic.write_folder); returns the split.json record. Refuses (FileExistsError)
-    a non-empty data_path unless overwrite."""
+    """Check every track of root (a bad one is dropped, its reason recorded in split.json),
+    then write the split files into data_path as a whole (atomic.write_folder); returns
+    the split.json record. Refuses (FileExistsError) a non-empty data_path unless
+    overwrite, and (MissingError) a split left without tracks."""
     out = Path(data_path)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExistsError(f'data_path {str(out)!r} already exists and is not empty; '
                               'pass overwrite=True (--overwrite=True) to replace its files')
     root = os.path.normpath(root)
     keys = list_tracks(root)
-    tracks = {k: check_track(root, k) for k in progress_bar(keys, desc='check tracks',
-                                                             unit='track', enabled=progress)}
-    splits = plan_splits(keys, seed=seed, split_by=split_by, sizes=sizes)
+    tracks, bad = check_tracks(root, keys, progress)
+    # planned over every track, then the bad ones left out: a bad track moves no other
+    splits = {s: [k for k in names if k in tracks] for s, names in
+              plan_splits(keys, seed=seed, split_by=split_by, sizes=sizes).items()}
+    empty = [s for s, names in splits.items() if not names]
+    if empty:
+        first = '; '.join(f'{k}: {why}' for k, why in list(bad.items())[:3])
+        raise MissingError(f'no usable tracks for split(s) {", ".join(empty)} under {root}: '
+                           f'{len(bad)} of {len(keys)} tracks fail their checks ({first})')
     image_var, audio_var = compute_variances([tracks[k] for k in splits['train']], progress)
-    record = {'seed': seed, 'split_by': split_by, 'requested_sizes': list(sizes),
-              'sizes': {s: len(v) for s, v in splits.items()}, 'root': root,
-              'root_abs': os.path.abspath(root), 'tracks': len(keys),
-              'image_var': image_var, 'audio_var': audio_var}
+    record = {'dataset': 'EmoVoxCeleb', 'seed': seed, 'split_by': split_by,
+              'requested_sizes': list(sizes), 'sizes': {s: len(v) for s, v in splits.items()},
+              'root': root, 'root_abs': os.path.abspath(root), 'tracks': len(keys),
+              'dropped': {'bad': bad}, 'image_var': image_var, 'audio_var': audio_var}
 
     def fill(folder):
         for split, names in splits.items():
@@ -181,6 +212,9 @@ def main(argv=None):
     print(f'wrote {cfg["data_path"]}: {sizes} tracks ({cfg["split_by"]} split, '
           f'seed {cfg["seed"]}); train image variance {record["image_var"]:.6g}, '
           f'audio variance {record["audio_var"]:.6g}')
+    bad = record['dropped']['bad']
+    print(f'dropped {len(bad)} bad track(s)' + ''.join(f'\n  {k}: {why}' for k, why in
+                                                        bad.items()))
 
 
 if __name__ == '__main__':

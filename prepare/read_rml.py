@@ -4,9 +4,10 @@
     python3 -m prepare.read_rml --root=/path/to/RML --split_by=user  # subjects held out
     python3 -m prepare.read_rml                         # the twin of prepare/synth_rml.py
 
-The clips are every ``*.avi`` under root, whose first folder is the subject
-(``s1`` .. ``s8``, language subfolders allowed) and whose name starts with the
-emotion code (ha, sa, an, fe, su, di: datasets.RML_CODES). Writes, for split in
+The clips are every AVI under root (``.avi`` in any case), whose first folder is
+the subject (``s1`` .. ``s8``, language subfolders allowed) and whose name starts
+with the emotion code (ha, sa, an, fe, su, di: datasets.RML_CODES); a clip whose
+frame rate is not 30 fps is dropped with the reason, as a damaged one. Writes, for split in
 train / val / test (the same files as read_cremad.py):
 
     {split}_videos.pkl  list of AVI paths 'root/SUBJECT/NAME.avi' (root as given)
@@ -54,17 +55,23 @@ DEFAULT_DATA_PATHS = {'clip': 'data_rml', 'user': 'data_rml_by_user'}
 
 
 def list_clips(root):
-    """Clip names 'SUBJECT/.../NAME' (no extension) of every AVI under root, sorted."""
+    """{clip name 'SUBJECT/.../NAME' (no extension): its file} of every AVI under root
+    (.avi in any case: ha1.AVI, sa2.Avi), sorted by name; BadValueError naming a clip
+    outside the RML naming (emotion code, subject folder s1..s8) or listed twice."""
     root = Path(root)
     if not root.is_dir():
         raise MissingError(f'root={str(root)!r} is not a folder (give an RML copy: '
                                 's1/ .. s8/ of AVI clips)')
-    names = sorted(str(p.relative_to(root).with_suffix('')) for p in root.rglob('*.avi'))
-    if not names:
+    clips = {}
+    for path in sorted(p for p in root.rglob('*') if p.suffix.lower() == '.avi'):
+        name = str(path.relative_to(root).with_suffix(''))
+        if name in clips:
+            raise BadValueError(f'{clips[name]} and {path} are the same clip twice: keep one')
+        datasets.rml_emotion(name), datasets.rml_subject(path)
+        clips[name] = str(path)
+    if not clips:
         raise MissingError(f'root={str(root)!r} holds no .avi clips')
-    for name in names:  # raise ValueError naming a clip outside the RML naming
-        datasets.rml_emotion(name), datasets.rml_subject(f'{name}.avi')
-    return names
+    return dict(sorted(clips.items()))
 
 
 def subject_of(name):
@@ -120,10 +127,11 @@ def build_splits(root, data_path=None, *, seed=0, split_by='clip', sizes=(0.8, 0
         raise ExistsError(f'data_path={str(data_path)!r} already exists and is not empty; pass '
                           '--overwrite=True to replace its files, or choose another --data_path')
     root = os.path.normpath(root)
-    names = list_clips(root)
+    clips = list_clips(root)
+    names = list(clips)
     splits = plan_rml_splits(names, seed=seed, split_by=split_by, sizes=sizes,
                              val_subjects=val_subjects, test_subjects=test_subjects)
-    paths = {s: [os.path.join(root, f'{n}.avi') for n in splits[s]] for s in SPLITS}
+    paths = {s: [clips[n] for n in splits[s]] for s in SPLITS}
     # every clip of every split decoded once (into the caches training reuses)
     paths, bad, variances = validate_splits(
         paths, cache=cache, cache_dir=cache_dir, frame_jitter=frame_jitter, backend=backend,

@@ -9,41 +9,46 @@ import torch
 from tools import convert_released
 import model as M
 from cmvq.released import load_released
-from conftest import PAPER, SHARED
+from conftest import PAPER
 
-ORIG = SHARED / 'cm-vqvae-orig'
 FIXTURES = ('model_ema', 'model_plain', 'baseline2')
 OUTPUTS = ('logits', 'recon_image', 'recon_audio', 'vq_loss_image', 'vq_loss_audio',
            'perplexity_image', 'perplexity_audio')
 
 
-def released(name):
+@pytest.fixture(scope='module')
+def orig(shared):
+    """../shared/cm-vqvae-orig: checkpoints saved by the released code."""
+    return shared / 'cm-vqvae-orig'
+
+
+def released(orig, name):
     """(project model built from the fixture's config, released state dict, io dict)."""
-    info = json.loads((ORIG / 'index.json').read_text())[name]
+    info = json.loads((orig / 'index.json').read_text())[name]
     net = M.build_model({**info['config'], 'num_classes': 6})
-    state = torch.load(ORIG / f'{name}.pt', map_location='cpu')
+    state = torch.load(orig / f'{name}.pt', map_location='cpu')
     assert list(state) == info['state_dict_keys']
-    return net, state, torch.load(ORIG / f'{name}.io.pt', map_location='cpu')
+    return net, state, torch.load(orig / f'{name}.io.pt', map_location='cpu')
 
 
 @pytest.mark.parametrize('name', FIXTURES)
-def test_released_checkpoints_reproduce_the_released_outputs(name):
-    net, state, io = released(name)
+def test_released_checkpoints_reproduce_the_released_outputs(orig, name):
+    net, state, io = released(orig, name)
     load_released(net, state)
     with torch.no_grad():
         out = net.eval()(io['image'], io['audio'])
     for key in OUTPUTS:
         torch.testing.assert_close(getattr(out, key), io[key], rtol=1e-5, atol=1e-5,
                                    msg=f'{name}: {key}')
-    info = json.loads((ORIG / 'index.json').read_text())[name]
+    info = json.loads((orig / 'index.json').read_text())[name]
     if net.mask_ratios() is not None:  # released order: private1, private2, shared1, shared2
         r = net.mask_ratios()
         assert [r['private1'], r['private2'], r['shared1'], r['shared2']] == \
             pytest.approx(info['mask_ratios'][:4])
 
 
-def test_released_ema_state_lands_in_the_buffers():
-    net, state, _ = released('model_ema')
+def test_released_ema_state_lands_in_the_buffers(orig):
+    net, state, _ = released(orig, 'model_ema')
     load_released(net, state)
     vq = net.backbone.quantizers['audio']
     assert torch.equal(vq.ema_w, state['_vq_vae_audio._ema_w'])
@@ -51,8 +56,8 @@ def test_released_ema_state_lands_in_the_buffers():
     assert torch.equal(net.get_mask(), state['_classifier.private_shared_mask'].reshape(-1))
 
 
-def test_missing_unknown_and_misshaped_keys_are_named():
-    net, state, _ = released('model_plain')
+def test_missing_unknown_and_misshaped_keys_are_named(orig):
+    net, state, _ = released(orig, 'model_plain')
     with pytest.raises(ValueError, match="lacks '_classifier.private_shared_mask'"):
         load_released(net, {k: v for k, v in state.items() if 'private_shared' not in k})
     with pytest.raises(ValueError, match="unknown key '_extra.weight'"):
@@ -64,10 +69,10 @@ def test_missing_unknown_and_misshaped_keys_are_named():
         load_released(wide, state)
 
 
-def test_unused_released_modules_of_base_type_1_are_skipped():
+def test_unused_released_modules_of_base_type_1_are_skipped(orig):
     # The released base_type 1 builds the quantizers and decoders it never runs.
-    _, state, _ = released('baseline2')
-    info = json.loads((ORIG / 'index.json').read_text())['baseline2']
+    _, state, _ = released(orig, 'baseline2')
+    info = json.loads((orig / 'index.json').read_text())['baseline2']
     net = M.build_model({**info['config'], 'base_type': 1, 'num_classes': 6})
     load_released(net, state)
     assert torch.equal(net.backbone.pre_vq['audio'].weight, state['_pre_vq_conv_audio.weight'])
@@ -86,7 +91,7 @@ def released_log(config, drop=()):
 
 
 @pytest.fixture(scope='module')
-def released_run(twin, tmp_path_factory):
+def released_run(twin, orig, tmp_path_factory):
     """A released run folder (model_ema's weights) and split configs of the tiny twin."""
     from cmvq import cremad
     path = tmp_path_factory.mktemp('released')
@@ -94,8 +99,8 @@ def released_run(twin, tmp_path_factory):
                              progress=False)
     src = path / 'orig' / '20230315-015820'
     src.mkdir(parents=True)
-    (src / 'model.pt').write_bytes((ORIG / 'model_ema.pt').read_bytes())
-    info = json.loads((ORIG / 'index.json').read_text())['model_ema']
+    (src / 'model.pt').write_bytes((orig / 'model_ema.pt').read_bytes())
+    info = json.loads((orig / 'index.json').read_text())['model_ema']
     (src / 'log.txt').write_text(released_log(info['config']))
     return path, src, info
 

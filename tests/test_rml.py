@@ -24,7 +24,7 @@ from cmvq.twins import render as synth
 from cmvq.twins import rml as synth_rml
 from cmvq import transfer
 from cmvq.configurator import ConfigError
-from conftest import REPO, TINY_RML
+from conftest import REPO, TINY_RML, check_ablation_run
 from cmvq.errors import UserError
 from read_variances import read_variances
 
@@ -105,18 +105,6 @@ def test_twin_refuses_a_foreign_folder(rml_twin, tmp_path):
 
 
 # ----------------------------------------------------------------------------- splits
-
-HELD_OUT = dict(val_subjects=('s2',), test_subjects=('s3',))
-
-
-@pytest.fixture(scope='module')
-def rml_data(rml_twin, tmp_path_factory):
-    """by_user split configs of the tiny RML twin and their cache: (folder, cache)."""
-    path = tmp_path_factory.mktemp('rml_data')
-    read_rml.build_splits(rml_twin, path / 'by_user', split_by='user', workers=2,
-                          cache_dir=path / 'cache', progress=False, **HELD_OUT)
-    return path / 'by_user', path / 'cache'
-
 
 def test_by_user_split_holds_out_disjoint_subjects(rml_data, rml_twin):
     data, _ = rml_data
@@ -357,7 +345,8 @@ def test_main_runs_rml_modified_and_pretrained(rml_data, tmp_path):
 
 
 # model.py's tests cover the shapes of every combination; this takes RML items through
-# each model kind and mode end to end (one epoch, tiny widths: ~1 s each)
+# each model kind and mode end to end (one epoch, tiny widths: ~1 s each), checks the
+# loss terms each logged and evaluates each saved run again
 @pytest.mark.parametrize('mode', models.MODES)
 @pytest.mark.parametrize('base_type', models.BASE_TYPES)
 def test_every_base_type_and_mode_runs_on_rml(rml_data, tmp_path, base_type, mode):
@@ -368,8 +357,10 @@ def test_every_base_type_and_mode_runs_on_rml(rml_data, tmp_path, base_type, mod
                       *[f'--{k}={v}' for k, v in TINY_WIDTHS.items()]])
     assert test['num_samples'] == 6
     assert set(test['per_class_accuracy']) == set(datasets.RML_EMOTIONS)
-    run_dir = max(tmp_path.iterdir())
+    (run_dir,) = tmp_path.iterdir()
     assert (run_dir / 'model.pt').is_file() and (run_dir / 'metrics.json').is_file()
+    check_ablation_run(run_dir, test, [f'--results_dir={tmp_path}', f'--cache_dir={cache}',
+                                       '--num_workers=0'])
 
 
 def test_two_stage_runs_on_rml(rml_data, tmp_path):

@@ -1,8 +1,11 @@
 """main.py / main_separate.py end to end on a tiny twin: files, metrics, re-evaluation."""
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from cmvq.loaders import DeviceLoader, make_datasets, make_loader
 from cmvq.runs import Log
 from cmvq.runtime import Runtime
 from cmvq.train import NonFiniteLoss
-from conftest import REPO
+from conftest import REPO, check_ablation_run
 
 # Tiny widths: the tests check behaviour, not accuracy.
 TINY_MODEL = ['--num_hiddens=16', '--num_residual_hiddens=4', '--embedding_dim=8',
@@ -34,27 +37,38 @@ EXTRA_FILES = ['config.json', 'environment.json', 'metrics.json', 'history.json'
 
 @pytest.fixture(scope='module')
 def workdir(twin, tmp_path_factory):
-    """Split configs of the tiny twin and a cache, shared by this module's runs."""
+    """Split configs of the tiny twin and a cache, shared by this module's runs, which
+    leave both as they are (a test that changes the splits changes a copy)."""
     path = tmp_path_factory.mktemp('runner')
     cremad.build_splits(twin, path / 'data', seed=0, workers=2,
                              cache_dir=path / 'cache', progress=False)
     return path
 
 
-def args(workdir, *extra):
+def args(workdir, *extra, results=None):
+    """main.py arguments on the shared splits and cache; results: the results folder
+    (default: the shared one, which holds the module's run)."""
     return [f'--data_path={workdir / "data"}', f'--cache_dir={workdir / "cache"}',
-            f'--results_dir={workdir / "results"}', *TINY_MODEL, *extra]
+            f'--results_dir={results or workdir / "results"}', *TINY_MODEL, *extra]
 
 
-def newest_run(workdir):
-    return sorted((workdir / 'results').iterdir())[-1]
+def only_run(results):
+    """The one run folder in results."""
+    (run_dir,) = (p for p in results.iterdir() if p.is_dir())
+    return run_dir
+
+
+def copy_run(run_dir, results):
+    """A copy of run_dir in results, for a test that adds to a run or its folder."""
+    return Path(shutil.copytree(run_dir, results / run_dir.name))
 
 
 @pytest.fixture(scope='module')
 def run(workdir):
-    """One two-epoch run of the proposed model: (run folder, its test metrics)."""
+    """One two-epoch run of the proposed model: (run folder, its test metrics); it is
+    the only run in workdir/results."""
     test = main.main(args(workdir, '--num_epoch=2'))
-    return newest_run(workdir), test
+    return only_run(workdir / 'results'), test
 
 
 def test_run_leaves_every_file(run):
@@ -64,19 +78,30 @@ def test_run_leaves_every_file(run):
     assert not list(run_dir.glob('.*.tmp*')), 'temporary files left behind'
 
 
-def test_pickles_load_with_expected_contents(run):
+def test_pickles_load_with_expected_contents(run, workdir):
     run_dir, _ = run
 
     def load(name):
         return pickle.loads((run_dir / name).read_bytes())
+    history = json.loads((run_dir / 'history.json').read_text())
     assert len(load('val_class_error.pkl')) == 2          # one value per epoch
-    assert len(load('train_class_error.pkl')) >= 2        # one value per iteration
+    for split in ('train', 'val'):                        # train: one value per iteration
+        assert load(f'{split}_class_error.pkl') == history[split]['class_error'], split
     # As released: CPU torch tensors; the last test batch (7 test clips, batch 16).
     for name, shape in (('valid_originals1', (7, 3, 128, 128)),
                         ('valid_reconstructions2', (7, 1, 256, 256)), ('weight1', (16, 8))):
         value = load(f'{name}.pkl')
         assert isinstance(value, torch.Tensor) and value.device.type == 'cpu', name
         assert value.shape == shape, name
+    # the codebooks of the checkpoint, the inputs of the test split's last (only) batch
+    state = torch.load(run_dir / 'model.pt', map_location='cpu', weights_only=True)['model']
+    test = make_datasets(resolve_run(main.header(), args(workdir)), splits=('test',))['test']
+    items = [test[i] for i in range(len(test))]
+    for k, modality in enumerate(('image', 'audio'), start=1):
+        assert torch.equal(load(f'weight{k}.pkl'),
+                           state[f'backbone.quantizers.{modality}.embedding']), modality
+        assert torch.equal(load(f'valid_originals{k}.pkl'),
+                           torch.stack([item[k - 1] for item in items])), modality
 
 
 def test_config_and_log_record_the_run(run):
@@ -106,16 +131,15 @@ def test_metrics_agree_with_confusion_matrix(run):
     assert metrics['accuracy'] == test['accuracy']
 
 
-def test_evaluating_the_timestamp_reproduces_the_test(run, workdir):
+def test_evaluating_the_timestamp_reproduces_the_test(run, workdir, tmp_path):
     run_dir, test = run
+    run_dir = copy_run(run_dir, tmp_path)
     # A different header (width, mode) must not matter: the saved config rebuilds the model.
-    again = main.main(args(workdir, f'--timestamp={run_dir.name}', '--embedding_dim=32',
-                           '--mode=audio-only'))
-    for key in ('accuracy', 'macro_f1', 'confusion_matrix', 'per_class_accuracy', 'mask'):
-        assert again[key] == test[key]
-    assert again['class_error'] == pytest.approx(test['class_error'], abs=1e-6)
-    assert (run_dir / 'log.txt').read_text().count('Evaluation of the saved model') >= 1
-    assert list(run_dir.glob('eval-*.json'))
+    check_ablation_run(run_dir, test, args(workdir, '--embedding_dim=32', '--mode=audio-only',
+                                           results=tmp_path))
+    assert (run_dir / 'log.txt').read_text().count('Evaluation of the saved model') == 1
+    (saved,) = run_dir.glob('eval-*.json')
+    assert json.loads(saved.read_text())['test']['accuracy'] == test['accuracy']
 
 
 def test_unknown_timestamp_lists_available_runs(run, workdir):
@@ -127,10 +151,10 @@ def test_unknown_timestamp_lists_available_runs(run, workdir):
 @pytest.mark.parametrize('extra', [['--base_type=1'], ['--base_type=2'], ['--base_type=3'],
                                    ['--base_type=4'], ['--mode=image-only'],
                                    ['--mode=audio-only', '--decay=0.0']])
-def test_each_variant_trains_one_epoch(workdir, extra):
-    test = main.main(args(workdir, '--num_epoch=1', *extra))
+def test_each_variant_trains_one_epoch(workdir, tmp_path, extra):
+    test = main.main(args(workdir, '--num_epoch=1', *extra, results=tmp_path))
     assert test['num_samples'] == 7 and 0 <= test['accuracy'] <= 1
-    assert (newest_run(workdir) / 'model.pt').is_file()
+    check_ablation_run(only_run(tmp_path), test, args(workdir, results=tmp_path))
 
 
 @pytest.mark.parametrize('bad, message', [
@@ -149,17 +173,19 @@ def test_invalid_override_exits_and_writes_nothing(tmp_path, bad, message):
     assert not (tmp_path / 'results').exists()
 
 
-def test_reevaluations_continue_the_log_numbering(run, workdir):
-    run_dir, _ = run
-    main.main(args(workdir, f'--timestamp={run_dir.name}'))
+def test_reevaluations_continue_the_log_numbering(run, workdir, tmp_path):
+    run_dir = copy_run(run[0], tmp_path)
+    for _ in range(2):
+        main.main(args(workdir, f'--timestamp={run_dir.name}', results=tmp_path))
     lines = (run_dir / 'log.txt').read_text().splitlines()
-    assert sum('Evaluation of the saved model' in line for line in lines) >= 1
+    assert sum('Evaluation of the saved model' in line for line in lines) == 2
     assert [line[:6] for line in lines] == [f'[{n:04d}]' for n in range(1, len(lines) + 1)]
 
 
-def test_two_stage_end_to_end(run, workdir):
-    test = main_separate.run(args(workdir, '--num_epoch_vae=1', '--num_epoch_solver=1'))
-    run_dir = newest_run(workdir)
+def test_two_stage_end_to_end(run, workdir, tmp_path):
+    test = main_separate.run(args(workdir, '--num_epoch_vae=1', '--num_epoch_solver=1',
+                                  results=tmp_path))
+    run_dir = only_run(tmp_path)
     assert (run_dir / 'model_vae.pt').is_file() and (run_dir / 'model_solver.pt').is_file()
     assert (run_dir / 'metrics.json').is_file() and test['num_samples'] == 7
     # Stage 1's series (recon, perplexity) and stage 2's class errors are both kept.
@@ -169,29 +195,28 @@ def test_two_stage_end_to_end(run, workdir):
     history = json.loads((run_dir / 'history.json').read_text())
     assert len(history['stage1']['val']['recon_error1']) == 1
     assert 'class_error' in history['val'] and (run_dir / 'curves_vae.png').is_file()
-    again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}'))
+    again = main_separate.run(args(workdir, f'--timestamp={run_dir.name}', results=tmp_path))
     assert again['confusion_matrix'] == test['confusion_matrix']
     # Each script evaluates its own runs and names the other for the other's, before
     # touching the run's log.
     log = (run_dir / 'log.txt').read_text()
     with pytest.raises(errors.UserError, match='trained by main_separate.py; evaluate it '
                        f'with python3 main_separate.py --timestamp={run_dir.name}'):
-        main.main(args(workdir, f'--timestamp={run_dir.name}'))
+        main.main(args(workdir, f'--timestamp={run_dir.name}', results=tmp_path))
     assert (run_dir / 'log.txt').read_text() == log
     with pytest.raises(errors.UserError, match='trained by main.py'):
         main_separate.run(args(workdir, f'--timestamp={run[0].name}'))
 
 
-def test_runs_that_never_trained_are_not_offered(run, workdir):
-    stub = workdir / 'results' / '20000101-000000'  # a run that failed before its checkpoint
+def test_runs_that_never_trained_are_not_offered(run, workdir, tmp_path):
+    trained = copy_run(run[0], tmp_path)
+    stub = tmp_path / '20000101-000000'  # a run that failed before its checkpoint
     stub.mkdir()
     (stub / 'config.json').write_text('{}')
     with pytest.raises(errors.UserError, match='no checkpoint') as error:
-        main.main(args(workdir, f'--timestamp={stub.name}'))
+        main.main(args(workdir, f'--timestamp={stub.name}', results=tmp_path))
     available = str(error.value).split('can evaluate: ')[1]
-    assert run[0].name in available and stub.name not in available
-    stub.joinpath('config.json').unlink()
-    stub.rmdir()
+    assert trained.name in available and stub.name not in available
 
 
 def test_two_stage_epochs_follow_num_epoch_unless_set():
@@ -227,17 +252,16 @@ def test_device_loader_matches_the_dataset(workdir):
         assert all((flat == img).flatten(1).all(1).any() for img in image)
 
 
-def test_metrics_do_not_depend_on_num_workers(workdir):
+def test_metrics_do_not_depend_on_num_workers(workdir, tmp_path):
     """Training frames come from (seed, epoch, index), not from worker RNG state."""
-    runs = [main.main(args(workdir, '--num_epoch=1', '--base_type=1', f'--num_workers={w}'))
-            for w in (0, 1, 2)]
+    runs = [main.main(args(workdir, '--num_epoch=1', '--base_type=1', f'--num_workers={w}',
+                           results=tmp_path)) for w in (0, 1, 2)]
     for other in runs[1:]:
         assert other['confusion_matrix'] == runs[0]['confusion_matrix']
         assert other['class_error'] == runs[0]['class_error']
 
 
 def copy_data(workdir, tmp_path):
-    import shutil
     data = tmp_path / 'data'
     shutil.copytree(workdir / 'data', data)
     return data
@@ -274,7 +298,6 @@ def vanish_clip(data):
 
 
 def truncate_clip(data):
-    import shutil
     paths = pickle.loads((data / 'train_videos.pkl').read_bytes())
     copy = data / 'VideoFlash' / paths[0].rsplit('/', 1)[1]
     copy.parent.mkdir()
@@ -286,7 +309,7 @@ def truncate_clip(data):
 
 # (how the data_path copy is spoiled or which option is bad, words of the one line)
 PREFLIGHT = {
-    'missing data_path': (lambda data: __import__('shutil').rmtree(data), 'does not exist'),
+    'missing data_path': (shutil.rmtree, 'does not exist'),
     'nan variance': (lambda data: dump(data / 'train_image_var.pkl', float('nan')),
                      'train_image_var.pkl holds nan'),
     'zero variance': (lambda data: dump(data / 'train_audio_var.pkl', 0.0),
@@ -319,11 +342,9 @@ def test_preflight_fails_in_one_line_and_writes_nothing(workdir, tmp_path, monke
     if callable(spoil):
         spoil(data)
     elif spoil == 'READONLY':
-        import os
         access = os.access
         monkeypatch.setattr(os, 'access', lambda p, mode: access(p, mode) and p != tmp_path)
     elif spoil == 'NOSPACE':
-        import shutil
         monkeypatch.setattr(shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(1, 1, 1))
     else:
         extra.append(spoil.replace('CONFIG', str(data)))
@@ -366,27 +387,26 @@ def test_a_nan_loss_stops_the_run_and_reports_nothing(workdir, tmp_path, monkeyp
 
 def test_reevaluation_refuses_a_changed_test_split(run, workdir, tmp_path):
     """data_path re-split after training, so that the run trained on test clips:
-    refused, unless allowed (then the result says so)."""
-    import shutil
-    run_dir, _ = run
+    refused, unless allowed (then the result says so). The run and its data_path are
+    copies."""
+    data = copy_data(workdir, tmp_path)
+    run_dir = copy_run(run[0], tmp_path / 'results')
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    (run_dir / 'config.json').write_text(json.dumps({**cfg, 'data_path': str(data)}))
     assert json.loads((run_dir / 'splits.json').read_text())['test']['clips'] == 7
-    data, backup = workdir / 'data', copy_data(workdir, tmp_path)
-    try:
-        for kind in ('videos', 'labels'):   # the test split is now the first 7 training clips
-            train = pickle.loads((data / f'train_{kind}.pkl').read_bytes())
-            dump(data / f'train_{kind}.pkl', [x[7:] for x in train] if kind == 'labels'
-                 else train[7:])
-            dump(data / f'test_{kind}.pkl', [x[:7] for x in train] if kind == 'labels'
-                 else train[:7])
-        again = args(workdir, f'--timestamp={run_dir.name}')
-        log_before = (run_dir / 'log.txt').read_text()
-        with pytest.raises(errors.BadValueError, match='7 of them were in its training split'):
-            main.main(again)
-        assert (run_dir / 'log.txt').read_text() == log_before
-        test = main.main([*again, '--allow_split_change=True'])
-    finally:
-        shutil.rmtree(data)
-        shutil.copytree(backup, data)
+    for kind in ('videos', 'labels'):   # the test split is now the first 7 training clips
+        train = pickle.loads((data / f'train_{kind}.pkl').read_bytes())
+        dump(data / f'train_{kind}.pkl', [x[7:] for x in train] if kind == 'labels'
+             else train[7:])
+        dump(data / f'test_{kind}.pkl', [x[:7] for x in train] if kind == 'labels'
+             else train[:7])
+    again = [f'--results_dir={tmp_path / "results"}', f'--cache_dir={tmp_path / "cache"}',
+             '--num_workers=0', f'--timestamp={run_dir.name}']
+    log_before = (run_dir / 'log.txt').read_text()
+    with pytest.raises(errors.BadValueError, match='7 of them were in its training split'):
+        main.main(again)
+    assert (run_dir / 'log.txt').read_text() == log_before
+    test = main.main([*again, '--allow_split_change=True'])
     assert 'changed' in test['split_changed']
     evals = sorted(run_dir.glob('eval-*.json'), key=lambda p: p.stat().st_mtime)
     assert 'split_changed' in json.loads(evals[-1].read_text())['test']

@@ -129,8 +129,10 @@ def test_predict_with_no_readable_clip_fails(trained, tmp_path):
     from tools import predict
     run_dir, argv = trained
     (tmp_path / 'bad.flv').write_bytes(b'')
+    before = sorted(run_dir.iterdir())
     with pytest.raises(UserError, match='no clip could be read'):
         predict.run([*tool_args(argv), f'--timestamp={run_dir.name}', str(tmp_path / 'bad.flv')])
+    assert sorted(run_dir.iterdir()) == before  # no predict-*.json of nothing
 
 
 def test_resumed_run_equals_the_uninterrupted_one(trained, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ read is named and skipped; the rest are still predicted. Prints one line per cli
 results_dir/<run>/predict-<YYYYmmdd-HHMMSS>.json:
     {'run', 'epoch', 'predictions': [{'clip', 'emotion', 'probabilities': {ANG: p, ...}}],
      'skipped': [{'clip', 'error'}]}
-Exit status 1 (one line) if no clip could be read.
+Exit status 1 (one line), and no file, if no clip could be read.
 """
 import sys
 import time
@@ -95,12 +95,12 @@ def run(argv=None):
     runtime = Runtime(cfg)
     net, epoch = load_model(cfg, run_dir, runtime)
     predictions, skipped = predict(net, runtime, cfg, clips)
+    if not predictions:  # nothing to keep: no file
+        raise UserError(f'no clip could be read ({len(skipped)} skipped, named above)')
     out = save_json_new(run_dir / f'predict-{time.strftime(TIMESTAMP_FORMAT)}.json',
                         {'run': str(run_dir), 'epoch': epoch, 'predictions': predictions,
                          'skipped': skipped})
     print(f'{len(predictions)} predicted, {len(skipped)} skipped; wrote {out}')
-    if not predictions:
-        raise UserError(f'no clip could be read ({len(skipped)} skipped, named above)')
     return out
 
 

@@ -9,10 +9,12 @@ Every `--key=value` other than the sweep's own constants below is a main.py
 constant; `--key=v1,v2,...` (or a list in a config file) makes it a grid axis. Each
 combination is an ordinary main.py run in results_dir/<timestamp>/. A combination
 that already has a finished run (a run folder with metrics.json whose config equals
-the combination's, machine settings aside) is not run again: re-running the same
-command resumes a sweep. Every combination is checked before any run starts.
+the combination's, machine settings aside, trained on the splits data_path holds
+now, in the precision this machine would use) is not run again; a run of it that
+was stopped after an epoch (a killed sweep) is resumed from its last.pt: re-running
+the same command resumes a sweep. Every combination is checked before any run starts.
 
-The sweep writes sweep_dir/<YYYYmmdd-HHMMSS>/:
+When the runs are done the sweep writes sweep_dir/<YYYYmmdd-HHMMSS>/:
   runs.csv    one row per run: the varied settings, seed, test accuracy, macro-F1,
               mask ratios, best epoch, run folder
   table.md    per setting: mean +- sd over seeds and n; per comparison with the
@@ -41,7 +43,9 @@ from cmvq import atomic, configurator, plots
 from cmvq.config import RUNTIME_KEYS
 from cmvq.errors import UserError, run_script
 from cmvq.experiment import resolve_run
+from cmvq.preflight import split_fingerprint
 from cmvq.runs import new_run_dir
+from cmvq.runtime import precision, resolve_device
 
 # ------------------------------------------------------------------------------------------
 # config: the sweep's own constants; any other --key is a main.py constant (see above)
@@ -123,38 +127,81 @@ def comparable(cfg):
     return json.loads(json.dumps({k: cfg[k] for k in sorted(keys)}))
 
 
-def finished_runs(results_dir):
-    """{run folder: comparable config} of every run in results_dir with metrics.json."""
+def identity(cfg, splits, used):
+    """What makes two runs the same setting: the comparable config, the sha1 of each
+    split of data_path (splits.json) and the precision computed in (bf16 autocast,
+    channels_last; environment.json)."""
+    return comparable(cfg), {s: v['sha1'] for s, v in (splits or {}).items()}, used
+
+
+def wanted(cfg):
+    """identity() of a run of cfg started now: data_path's splits as they are today and
+    the precision this machine would use (splits None when data_path cannot be read)."""
+    try:
+        splits = split_fingerprint(cfg)
+    except UserError:
+        splits = None
+    return identity(cfg, splits, precision(cfg, resolve_device(cfg)))
+
+
+def saved_runs(results_dir):
+    """{run folder: (identity, finished)} of the runs in results_dir, newest last;
+    finished: the run wrote metrics.json."""
     runs = {}
-    for path in sorted(Path(results_dir).glob('*/metrics.json')):
+    for path in sorted(Path(results_dir).glob('*/config.json')):
+        run = path.parent
         try:
-            runs[path.parent] = comparable(json.loads((path.parent / 'config.json').read_text()))
+            runs[run] = (identity(*(json.loads((run / name).read_text()) for name in
+                                    ('config.json', 'splits.json')),
+                                  json.loads((run / 'environment.json').read_text())
+                                  .get('precision')), (run / 'metrics.json').is_file())
         except (OSError, ValueError):
-            continue  # a folder that is not a run
+            continue  # not a run folder of this version (a run lacking splits.json...)
     return runs
 
 
-def find_run(cfg, runs):
-    """The newest finished run with cfg's settings, or None."""
-    want = comparable(cfg)
-    matches = [path for path, saved in runs.items() if saved == want]
+def find_run(cfg, runs, finished=True):
+    """The newest run of cfg's identity (finished, or stopped before finishing), or None."""
+    want = wanted(cfg)
+    matches = [path for path, (ident, done) in runs.items() if ident == want and
+               done == finished]
     return max(matches, key=lambda p: p.name) if matches else None
 
 
-def run_in_process(combo, device=None):
-    main.main(run_argv(combo))
+def run_in_process(argv, device=None):
+    main.main(argv)
 
 
-def run_subprocess(combo, device=None):
+def run_subprocess(argv, device=None):
     extra = [f'--device={device!r}'] if device else []
-    subprocess.run([sys.executable, str(Path(main.__file__)),
-                    *run_argv(combo), *extra], check=True)
+    subprocess.run([sys.executable, str(Path(main.__file__)), *argv, *extra], check=True)
+
+
+def plan_grid(combos, cfgs):
+    """[(combination, main.py arguments, cfg)] of the combinations without a finished
+    run. A run of the combination that stopped after an epoch (last.pt, no
+    metrics.json: a killed sweep) is resumed; one that stopped before is named and
+    replaced by a new run."""
+    todo = []
+    for combo, cfg in zip(combos, cfgs, strict=True):
+        runs = saved_runs(cfg['results_dir'])
+        if find_run(cfg, runs) is not None:
+            continue
+        argv, stopped = run_argv(combo), find_run(cfg, runs, finished=False)
+        if stopped is not None and (stopped / 'last.pt').is_file():
+            print(f'sweep: {stopped} of {combo} stopped before it finished: resuming it')
+            argv.append(f'--resume={stopped.name}')
+        elif stopped is not None:
+            print(f'sweep: {stopped} of {combo} stopped before its first epoch ended (no '
+                  'last.pt): a new run replaces it')
+        todo.append((combo, argv, cfg))
+    return todo
 
 
 def run_grid(combos, cfgs, jobs):
-    """Run each combination without a finished run; returns the failures' messages."""
-    todo = [(c, cfg) for c, cfg in zip(combos, cfgs, strict=True)
-            if find_run(cfg, finished_runs(cfg['results_dir'])) is None]
+    """Run (or resume) each combination without a finished run; returns the failures'
+    messages."""
+    todo = plan_grid(combos, cfgs)
     print(f'sweep: {len(combos)} combinations, {len(combos) - len(todo)} already finished, '
           f'{len(todo)} to run')
     gpus = torch.cuda.device_count()
@@ -166,11 +213,11 @@ def run_grid(combos, cfgs, jobs):
         devices.put(f'cuda:{i % gpus}' if gpus > 1 else None)
 
     def one(item):
-        combo, cfg = item
+        combo, argv, cfg = item
         device = devices.get()
         device = device if cfg['device'] in ('auto', 'cuda') else None
         try:
-            runner(combo, device)
+            runner(argv, device)
             return None
         except (Exception, SystemExit) as e:  # one failed run must not end the sweep
             return f'{combo}: {type(e).__name__}: {e}'
@@ -380,16 +427,16 @@ def main_sweep(argv=None):
     else:
         combos = combinations(axes)
         cfgs = resolve_all(combos)
-    out_dir = new_run_dir(opts['sweep_dir'])
+    failures = []
     if not opts['summarize']:
         failures = run_grid(combos, cfgs, opts['jobs'])
-        runs = [r for r in (find_run(cfg, finished_runs(cfg['results_dir'])) for cfg in cfgs)
+        runs = [r for r in (find_run(cfg, saved_runs(cfg['results_dir'])) for cfg in cfgs)
                 if r is not None]
-    else:
-        failures = []
-    if runs:
+    out_dir = None
+    if runs:  # made only now: a sweep killed while running leaves no empty folder
+        out_dir = new_run_dir(opts['sweep_dir'])
         print(write_tables(out_dir, runs))
-    print(f'sweep: {len(runs)} runs tabulated in {out_dir}')
+    print(f'sweep: {len(runs)} runs tabulated' + (f' in {out_dir}' if out_dir else ''))
     if failures:
         raise UserError(f'{len(failures)} runs failed (the others are tabulated): '
                         + '; '.join(failures))
