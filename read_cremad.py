@@ -2,6 +2,7 @@
 
     python3 read_cremad.py --root=/data/CREMA-D --data_path=data_cremad   # a real copy
     python3 read_cremad.py [--seed=0] [--split_by=actor] ...              # the twin below
+    python3 read_cremad.py --root=/data/CREMA-D --split_by=ogm-ge --data_path=data_cremad_ogm
 
 Writes, for split in train / val / test:
     {split}_videos.pkl  list of FLV paths, 'root/VideoFlash/NAME.flv' with root as
@@ -20,6 +21,13 @@ published sizes 5954 / 744 / 744 of all 7,442 names hold for any seed), then the
 faulty clips, clips with no FLV and clips that fail their checks are dropped from
 both paths and labels and named. Every clip is decoded once, into the decode-once
 cache that training then reuses.
+
+split_by='ogm-ge' is the split most papers on CREMA-D test on: OGM-GE's published
+lists (lists/ogm-ge/). Test = their test list (744 clips); validation = a seeded
+sample of their train list (6,698 clips), stratified by emotion, split_sizes[1] of
+every split_sizes[0] + split_sizes[1] (744); train = the rest. OGM-GE had no
+validation list; here the model is selected on validation, never on test. A twin of
+a few actors holds part of the lists: the builder says how much of each.
 """
 import datasets
 from cmvq import cremad
@@ -32,8 +40,10 @@ from cmvq.splits import PAPER_SIZES, print_record
 root = 'synth_cremad/CREMA-D'   # CREMA-D checkout (VideoFlash/, CSVs); default: the twin
 data_path = 'data_cremad'       # output folder of the split configs
 seed = 0                        # split seed
-split_by = 'clip'               # 'clip' (the paper: actors overlap) or 'actor' (disjoint actors)
+split_by = 'clip'               # 'clip' (the paper: actors overlap), 'actor' (disjoint
+#                                 actors) or 'ogm-ge' (OGM-GE's lists: the field's test set)
 split_sizes = PAPER_SIZES       # train, val, test of 7,442 clips; scaled for other counts
+#                                 (ogm-ge: only val : train counts, the test list is fixed)
 faulty = cremad.FAULTY          # clips dropped: the released code's list of faulty clips
 overwrite = False               # True: replace an existing data_path (swapped as a whole)
 workers = DEFAULT_WORKERS       # processes decoding clips
@@ -43,7 +53,7 @@ frame_jitter = datasets.CREMAD_JITTER  # training frame window of the cache: cen
 backend = 'pyav'                # FLV reader: 'pyav' or 'moviepy' (the released code's)
 progress = True                 # progress bars (plain lines when output is redirected)
 # -----------------------------------------------------------------------------
-CHOICES = {'split_by': ('clip', 'actor'), 'backend': ('pyav', 'moviepy')}
+CHOICES = {'split_by': ('clip', 'actor', 'ogm-ge'), 'backend': ('pyav', 'moviepy')}
 
 
 def main(argv=None):
@@ -53,7 +63,7 @@ def main(argv=None):
         sizes=tuple(cfg['split_sizes']), faulty=tuple(cfg['faulty']), overwrite=cfg['overwrite'],
         workers=cfg['workers'], cache=cfg['cache'], cache_dir=cfg['cache_dir'],
         frame_jitter=cfg['frame_jitter'], backend=cfg['backend'], progress=cfg['progress'])
-    print_record(record, cfg['data_path'])
+    print_record(record, cfg['data_path'], cremad.describe_lists(record))
     return record
 
 

@@ -3,11 +3,15 @@
 The clip list is the tree's SentenceFilenames.csv, the speakers' facts its
 VideoDemographics.csv. Clips are split first (so the published sizes 5954 / 744 /
 744 of all 7,442 names hold for any seed) and then the faulty clips and clips with
-no FLV are dropped from both paths and labels. read_cremad.py is the command;
+no FLV are dropped from both paths and labels. Three splits: random by clip (the
+released code's), by actor, or OGM-GE's published lists (lists/ogm-ge/) with a
+validation sample of their training list. read_cremad.py is the command;
 main.py's demo (twin_actors > 0) and tools/bench.py make a twin and its splits
 with prepare_twin.
 """
+import csv
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,10 @@ from cmvq.splits import (PAPER_SIZES, SPLITS, check_usable, format_counts, split
 
 # Clips of CREMA-D that cannot be used (the released code's list).
 FAULTY = ('1064_TIE_SAD_XX', '1064_IEO_DIS_MD', '1076_MTI_NEU_XX', '1076_MTI_SAD_XX')
+# OGM-GE's published lists, shipped in the checkout: {split: file} (no validation list).
+OGM_GE_SOURCE = 'lists/ogm-ge'  # relative to the checkout, as split.json names it
+OGM_GE_LISTS = Path(__file__).resolve().parents[1] / OGM_GE_SOURCE
+OGM_GE_FILES = {'train': 'train.csv', 'test': 'test.csv'}
 
 
 def read_names(root):
@@ -74,25 +82,29 @@ def encode_labels(names, demographics):
 
 
 def plan_splits(names, demographics, *, seed=0, split_by='clip', sizes=PAPER_SIZES,
-                drop=()):
-    """Assign clip names to splits; a pure function of its arguments.
+                drop=(), lists=OGM_GE_LISTS):
+    """Assign clip names to splits; a pure function of its arguments (and of the
+    list files for 'ogm-ge').
 
-    Returns ({split: names in random order}, dropped), dropped = the names of
-    ``drop`` that were listed, removed after splitting. split_by='clip' splits
-    the shuffled names in the proportions of ``sizes``; 'actor' splits the
-    shuffled actors in those proportions (each split at least one actor), so
-    no actor is in two splits and the clip counts are approximate.
+    Returns ({split: names}, dropped), dropped = the names of ``drop`` that were
+    listed, removed after splitting. split_by='clip' splits the shuffled names in
+    the proportions of ``sizes``; 'actor' splits the shuffled actors in those
+    proportions (each split at least one actor), so no actor is in two splits and
+    the clip counts are approximate; 'ogm-ge' takes OGM-GE's lists (ogm_ge_parts).
     """
     names = sorted(set(names))
     unknown = sorted({n.split('_')[0] for n in names} - {str(a) for a in demographics})
     if unknown:
         raise BadValueError(f'actors {", ".join(unknown)} are not in VideoDemographics.csv')
     rng = np.random.default_rng(seed)
-    order = [names[i] for i in rng.permutation(len(names))]
-    if split_by == 'clip':
+    if split_by == 'ogm-ge':
+        parts = ogm_ge_parts(names, rng, sizes, lists)
+    elif split_by == 'clip':
+        order = [names[i] for i in rng.permutation(len(names))]
         bounds = np.cumsum(split_counts(len(order), sizes))
         parts = np.split(np.array(order, dtype=object), bounds[:-1])
     elif split_by == 'actor':
+        order = [names[i] for i in rng.permutation(len(names))]
         actors = sorted({n.split('_')[0] for n in names})
         if len(actors) < 3:
             raise BadValueError(f"split_by='actor' needs >= 3 actors, got {len(actors)}; "
@@ -103,12 +115,106 @@ def plan_splits(names, demographics, *, seed=0, split_by='clip', sizes=PAPER_SIZ
                  for a in group}
         parts = [[n for n in order if owner[n.split('_')[0]] == k] for k in range(3)]
     else:
-        raise BadValueError(f"split_by={split_by!r} is not 'clip' or 'actor'")
+        raise BadValueError(f"split_by={split_by!r} is not 'clip', 'actor' or 'ogm-ge'")
     drop = set(drop)
     splits = {s: [n for n in part if n not in drop] for s, part in zip(SPLITS, parts, strict=True)}
     return splits, sorted(drop.intersection(names))
 
 
+# ----------------------------------------------------------------------------- OGM-GE's lists
+
+def read_clip_list(path):
+    """A list file of OGM-GE's format (no header; rows `clip name,emotion`) -> the names in
+    file order. A malformed row, a name listed twice or an emotion that is not the name's
+    is a BadValueError naming the file and row."""
+    if not path.is_file():
+        raise MissingError(f'{path} is missing: the project ships it in {path.parent}; '
+                           'restore it from the checkout')
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    names = []
+    for number, row in enumerate(rows, 1):
+        where = f'{path}, row {number}'
+        if len(row) != 2:
+            raise BadValueError(f'{where}: {row!r} is not `clip name,emotion`')
+        try:
+            datasets.parse_name(row[0])
+        except BadValueError as e:
+            raise BadValueError(f'{where}: {e}') from None
+        if row[0].split('_')[2] != row[1]:
+            raise BadValueError(f'{where}: clip {row[0]} is labelled {row[1]!r}, '
+                                'not its own emotion')
+        names.append(row[0])
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
+        raise BadValueError(f'{path}: {len(twice)} clips are listed twice (e.g. {twice[0]})')
+    return names
+
+
+def read_ogm_ge(lists=OGM_GE_LISTS):
+    """OGM-GE's lists -> {'train': names, 'test': names}; a clip in both is a BadValueError."""
+    listed = {s: read_clip_list(Path(lists) / f) for s, f in OGM_GE_FILES.items()}
+    both = sorted(set(listed['train']) & set(listed['test']))
+    if both:
+        raise BadValueError(f'{lists}: {len(both)} clips are in both lists (e.g. {both[0]})')
+    return listed
+
+
+def ogm_ge_parts(names, rng, sizes=PAPER_SIZES, lists=OGM_GE_LISTS):
+    """[train, val, test] of ``names`` (sorted) by OGM-GE's lists: test = the names of
+    their test list; val = an emotion-stratified sample of the names of their train list,
+    sizes[1] of every sizes[0] + sizes[1] (744 of the 6,698); train = the rest. Names in
+    neither list are left out (ogm_ge_presence counts them)."""
+    listed = {s: set(v) for s, v in read_ogm_ge(lists).items()}
+    test = [n for n in names if n in listed['test']]
+    if not test:
+        raise MissingError(f'none of the {len(listed["test"])} clips of {lists}/test.csv is '
+                           'listed in SentenceFilenames.csv; give a CREMA-D checkout, or a '
+                           "twin of real clip names (e.g. prepare.synth_cremad --like=...)")
+    pool = [n for n in names if n in listed['train']]
+    count = min(max(round(len(pool) * sizes[1] / (sizes[0] + sizes[1])), 1), len(pool) - 1)
+    val = stratified_sample(pool, count, rng)
+    return [n for n in pool if n not in set(val)], val, test
+
+
+def stratified_sample(names, count, rng):
+    """``count`` of ``names`` drawn without replacement, each emotion in proportion to its
+    share (its quota rounded by largest remainder), in the order of names."""
+    emotions = np.array([n.split('_')[2] for n in names])
+    classes, sizes = np.unique(emotions, return_counts=True)
+    exact = count * sizes / len(names)
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(quota - exact, kind='stable')[:count - quota.sum()]] += 1
+    chosen = set()
+    for emotion, k in zip(classes, quota, strict=True):
+        members = [n for n, e in zip(names, emotions, strict=True) if e == emotion]
+        chosen.update(members[i] for i in rng.choice(len(members), k, replace=False))
+    return [n for n in names if n in chosen]
+
+
+def describe_lists(record):
+    """The lines read_cremad.py prints about the lists of an 'ogm-ge' split.json record."""
+    lists = record.get('lists')
+    if not lists:
+        return []
+    lines = [f'{lists["source"]}/{OGM_GE_FILES[s]}: {lists[s]["present"]} of its '
+             f'{lists[s]["listed"]} clips listed in the tree' for s in OGM_GE_FILES]
+    left = lists['in_neither']
+    if left:
+        lines.append(f'left out {len(left)} clip(s) of the tree in neither list: '
+                     f'{", ".join(left[:5])}{", ..." if len(left) > 5 else ""}')
+    return lines
+
+
+def ogm_ge_presence(names, lists=OGM_GE_LISTS):
+    """How much of OGM-GE's lists the clip names of a tree hold (a twin of a few actors
+    holds a part): {list: {'listed', 'present'}} and 'in_neither' (names of no list)."""
+    listed = read_ogm_ge(lists)
+    names = set(names)
+    record = {s: {'listed': len(v), 'present': len(names.intersection(v))}
+              for s, v in listed.items()}
+    record['in_neither'] = sorted(names.difference(*listed.values()))
+    return record
 
 
 def format_stats(labels, split):
@@ -162,6 +268,8 @@ def build_splits(root, data_path, *, seed=0, split_by='clip', sizes=PAPER_SIZES,
                           'missing': [n for n in dropped if n not in set(faulty)],
                           'bad': dict(sorted(bad.items()))},
               'image_var': image_var, 'audio_var': audio_var}
+    if split_by == 'ogm-ge':
+        record['lists'] = {'source': OGM_GE_SOURCE, **ogm_ge_presence(names)}
     labels = {s: encode_labels(splits[s], demographics) for s in SPLITS}
     write_split_folder(out, {s: (paths[s], labels[s], format_stats(labels[s], s))
                              for s in SPLITS},
