@@ -52,6 +52,17 @@ def test_summary_groups_settings_and_pairs_seeds():
         in md
 
 
+def test_a_precision_axis_is_compared_with_fp32():
+    def row(precision, seed, acc):
+        return {'config': {'base_type': 0, 'precision': precision}, 'seed': seed,
+                'accuracy': acc, 'macro_f1': acc}
+    rows = [row('bf16', 0, 0.80), row('bf16', 1, 0.90), row('fp32', 0, 0.70),
+            row('fp32', 1, 0.86)]
+    keys, _, (c,) = sweep.summarize_rows(rows)
+    assert keys == ['precision'] and c['reference'] == (('precision', 'fp32'),)
+    assert c['accuracy']['diff'] == pytest.approx(0.07)
+
+
 def test_grid_runs_resumes_and_summarizes(tiny_splits, tmp_path):
     results = tmp_path / 'results'
     argv = [*tiny_splits(results, '--num_epoch=1'), '--base_type=0,1', '--seed=0,1',

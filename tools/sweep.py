@@ -2,6 +2,7 @@
 
     python3 -m tools.sweep configs/demo.py --base_type=0,1,2,3 --seed=0,1,2
     python3 -m tools.sweep configs/demo.py my_grid.py   # a list in a config file is an axis
+    python3 -m tools.sweep configs/demo.py --amp=bf16,off --seed=0,1,2,3,4   # bf16 vs fp32
     python3 -m tools.sweep --summarize=sweeps/20261121-101500   # rebuild a sweep's tables
     python3 -m tools.sweep --summarize=20261121-101500,20261121-102233   # or of these runs
 
@@ -15,12 +16,13 @@ was stopped after an epoch (a killed sweep) is resumed from its last.pt: re-runn
 the same command resumes a sweep. Every combination is checked before any run starts.
 
 When the runs are done the sweep writes sweep_dir/<YYYYmmdd-HHMMSS>/:
-  runs.csv    one row per run: the varied settings, seed, test accuracy, macro-F1,
+  runs.csv    one row per run: the varied settings (the precision computed in, 'bf16'
+              autocast or 'fp32', counts as one), seed, test accuracy, macro-F1,
               mask ratios, best epoch, run folder
   table.md    per setting: mean +- sd over seeds and n; per comparison with the
   table.csv   reference (the proposed model, base_type 0, with the same other
-              settings): the paired difference over the seeds both have, its 95%
-              t-based CI, the paired t-test (scipy.stats.ttest_rel) and, from
+              settings; fp32 where only the precision varies): the paired
+              difference over the seeds both have, its 95% t-based CI, the paired t-test (scipy.stats.ttest_rel) and, from
               WILCOXON_MIN_N pairs on, the Wilcoxon signed-rank test
   sweep.png   accuracy and macro-F1 per setting, bars with sd error bars
 """
@@ -59,7 +61,9 @@ jobs = 0                    # 0: one run per GPU when several, else one at a tim
 WILCOXON_MIN_N = 6          # below 6 pairs no two-sided Wilcoxon p can reach 0.05
 METRICS = ('accuracy', 'macro_f1')
 MASK_KEYS = ('private1', 'shared1', 'private2', 'shared2', 'complementarity')
-REFERENCE = ('base_type', 0)  # the proposed model, when base_type varies
+# The reference of the paired comparisons: the proposed model where base_type varies,
+# else fp32 (the released code's precision) where the precision varies.
+REFERENCES = (('base_type', 0), ('precision', 'fp32'))
 
 
 def _sweep_choices():
@@ -263,12 +267,17 @@ def paired(values, reference, level=0.95):
 # ----------------------------------------------------------------------------- tables
 
 def run_row(run_dir):
-    """One runs.csv row from a finished run folder: its config and test metrics."""
+    """One runs.csv row from a finished run folder: its config, the precision it computed
+    in ('bf16' autocast or 'fp32', from environment.json) and its test metrics."""
     cfg = json.loads((run_dir / 'config.json').read_text())
     metrics = json.loads((run_dir / 'metrics.json').read_text())
+    used = json.loads((run_dir / 'environment.json').read_text()).get('precision')
+    if used is None:  # a run from before environment.json recorded it: as resolved here
+        used = precision(cfg, resolve_device(cfg))
     test = metrics['test']
     mask = test.get('mask') or {}
-    return {'config': comparable(cfg), 'seed': cfg['seed'], 'run': str(run_dir),
+    return {'config': {**comparable(cfg), 'precision': 'bf16' if used['bf16_autocast']
+                       else 'fp32'}, 'seed': cfg['seed'], 'run': str(run_dir),
             'accuracy': test['accuracy'], 'macro_f1': test['macro_f1'],
             **{k: mask.get(k) for k in MASK_KEYS}, 'best_epoch': metrics.get('best_epoch')}
 
@@ -288,10 +297,11 @@ def setting_name(setting):
 
 
 def reference_for(keys, groups):
-    """(key, value) of the reference: base_type 0 where base_type varies, else the
+    """(key, value) of the reference: the first of REFERENCES whose key varies, else the
     first setting's value of the first varied key."""
-    if REFERENCE[0] in keys:
-        return REFERENCE
+    for key, value in REFERENCES:
+        if key in keys:
+            return key, value
     return keys[0], next(iter(groups))[0][1]
 
 
