@@ -22,8 +22,9 @@ When the runs are done the sweep writes sweep_dir/<YYYYmmdd-HHMMSS>/:
   table.md    per setting: mean +- sd over seeds and n; per comparison with the
   table.csv   reference (the proposed model, base_type 0, with the same other
               settings; fp32 where only the precision varies): the paired
-              difference over the seeds both have, its 95% t-based CI, the paired t-test (scipy.stats.ttest_rel) and, from
-              WILCOXON_MIN_N pairs on, the Wilcoxon signed-rank test
+              difference over the seeds both have, its 95% t-based CI, the paired
+              t-test (scipy.stats.ttest_rel) and, from WILCOXON_MIN_N pairs on, the
+              Wilcoxon signed-rank test
   sweep.png   accuracy and macro-F1 per setting, bars with sd error bars
 """
 import csv
