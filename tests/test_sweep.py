@@ -1,6 +1,7 @@
 """sweep.py: the table statistics against a hand-computed case, and a tiny grid end to end."""
 import csv
 import math
+import signal
 
 import pytest
 
@@ -80,6 +81,19 @@ def test_grid_runs_resumes_and_summarizes(tiny_splits, tmp_path):
     assert (again / 'table.md').read_text() == (out / 'table.md').read_text()
     rebuilt = sweep.main_sweep([f'--summarize={out}', f'--sweep_dir={tmp_path / "sweeps"}'])
     assert (rebuilt / 'table.csv').read_text() == (out / 'table.csv').read_text()
+
+
+def test_sigterm_during_a_run_stops_the_sweep(tiny_splits, tmp_path, monkeypatch):
+    started = []
+
+    def terminated(argv, device=None):  # what main.main raises when SIGTERM stops a run
+        started.append(argv)
+        raise SystemExit(128 + signal.SIGTERM)
+    monkeypatch.setattr(sweep, 'run_in_process', terminated)
+    with pytest.raises(SystemExit):
+        sweep.main_sweep([*tiny_splits(tmp_path / 'results'), '--seed=0,1',
+                          f'--sweep_dir={tmp_path / "sweeps"}'])
+    assert len(started) == 1
 
 
 def test_a_bad_combination_stops_before_any_run(tiny_splits, tmp_path):

@@ -31,6 +31,7 @@ import csv
 import io
 import itertools
 import json
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -225,6 +226,8 @@ def run_grid(combos, cfgs, jobs):
             runner(argv, device)
             return None
         except (Exception, SystemExit) as e:  # one failed run must not end the sweep
+            if isinstance(e, SystemExit) and e.code == 128 + signal.SIGTERM:
+                raise  # SIGTERM stopped the run (atomic.sigterm_raises): it stops the sweep
             return f'{combo}: {type(e).__name__}: {e}'
         finally:
             devices.put(device)
