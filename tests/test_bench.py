@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from tools import bench, reference_model
 import model as models
+from cmvq import flops, reference_model
 from cmvq.configurator import ConfigError
-from cmvq import flops
+from tools import bench
 from conftest import PAPER, TINY_MODEL, TINY_RUN
 
 

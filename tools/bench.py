@@ -29,7 +29,7 @@ Sections (each a table in results.md):
    times samples/s) and its share of the matmul peak measured in the same run on that
    device and precision (cmvq.flops.matmul_peak; section "Matmul peak").
    Reference: on CPU the project's step is compared with `ReferenceModel`
-   (tools/reference_model.py), a straightforward implementation of the same
+   (cmvq/reference_model.py), a straightforward implementation of the same
    base_type 0 architecture with exactly the same trainable parameters (asserted);
    the comparison is then about the computation. (The original re-creates
    nn.Parameters inside forward; that changes what Adam sees, so copying it would
@@ -88,7 +88,7 @@ from cmvq.loaders import make_loader
 from cmvq.runs import new_run_dir, save_json, versions
 from cmvq.runtime import Runtime, synchronize
 from cmvq.train import run_epoch
-from tools.reference_model import build_reference
+from cmvq.reference_model import build_reference
 
 # ------------------------------------------------------------------------------------------
 # config: edit here, or override with a config file / --key=value (values are type-checked)
