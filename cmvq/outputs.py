@@ -9,7 +9,7 @@ import torch
 
 import datasets
 import model as models
-from cmvq import plots
+from cmvq import distributed, plots
 from cmvq.runs import save_json, save_pickle
 
 
@@ -54,9 +54,10 @@ def save_history(run_dir, history, stage1=None):
 @torch.no_grad()
 def last_batch(loader):
     """The last batch `loader` yields, loading only that one where it can (a
-    DataLoader without shuffling: its batch sampler gives the indices)."""
-    if isinstance(loader, torch.utils.data.DataLoader) and \
-            isinstance(loader.sampler, torch.utils.data.SequentialSampler):
+    DataLoader whose sampler has a fixed order, such as an evaluation loader's
+    ShardSampler: its batch sampler gives the indices)."""
+    if isinstance(loader, torch.utils.data.DataLoader) and isinstance(
+            loader.sampler, (torch.utils.data.SequentialSampler, distributed.ShardSampler)):
         indices = list(loader.batch_sampler)[-1]
         return loader.collate_fn([loader.dataset[i] for i in indices])
     return collections.deque(loader, maxlen=1)[0]

@@ -5,7 +5,7 @@ VQ-VAE notebook do it: plain nn.Sequential stacks, VQ through an explicit (N, K)
 distance matrix, a one-hot encodings matrix, codes gathered by one-hot @ codebook, EMA
 statistics and perplexity from that one-hot matrix, and a straight-through mask written
 inline. Its EMA state lives in buffers, like the project's, so both have exactly the
-same trainable parameters (build_reference asserts it). Not a command.
+same trainable parameters (build_reference asserts it).
 """
 import torch
 import torch.nn as nn

@@ -3,11 +3,10 @@ import json
 
 import pytest
 
-from cmvq import reference_model
-from tools import bench
 import model as models
+from cmvq import flops, reference_model
 from cmvq.configurator import ConfigError
-from cmvq import flops
+from tools import bench
 from conftest import PAPER, TINY_MODEL, TINY_RUN
 
 

@@ -1,4 +1,5 @@
 """main.py / main_separate.py end to end on a tiny twin: files, metrics, re-evaluation."""
+import collections
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ import torch
 import cmvq.train
 import main
 import main_separate
-from cmvq import cremad, errors, two_stage
+from cmvq import cremad, errors, outputs, two_stage
 from cmvq.experiment import resolve_run
 from cmvq.loaders import (DeviceLoader, held_bytes, make_datasets, make_loader,
                           resolve_data_on_gpu)
@@ -260,6 +261,21 @@ def test_device_loader_matches_the_dataset(workdir):
         # every training image is one of the cached window frames of some clip
         flat = frames.permute(0, 1, 4, 2, 3).reshape(-1, 3, 128, 128).float() / 255
         assert all((flat == img).flatten(1).all(1).any() for img in image)
+
+
+def test_last_batch_of_the_test_loader_loads_that_batch_only(workdir):
+    """The reconstructions' batch: the evaluation loader's last one, read alone."""
+    cfg = resolve_run(main.header(), args(workdir, '--batch_size=4'))
+    val = make_datasets(cfg, splits=('val',))['val']
+    loader = make_loader(val, cfg, Runtime(cfg), train=False)
+    reference = collections.deque(loader, maxlen=1)[0]
+    read = []
+    getitem = type(val).__getitem__
+    val.__class__ = type('Counted', (type(val),), {
+        '__getitem__': lambda self, i: read.append(i) or getitem(self, i)})
+    batch = outputs.last_batch(loader)
+    assert read == list(range(len(val)))[-len(reference[0]):]
+    assert all(torch.equal(a, b) for a, b in zip(batch, reference, strict=True))
 
 
 def test_data_on_gpu_auto_needs_cuda_a_cache_and_room(workdir, monkeypatch):
