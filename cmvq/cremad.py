@@ -174,7 +174,8 @@ def ogm_ge_parts(names, rng, sizes=PAPER_SIZES, lists=OGM_GE_LISTS):
     pool = [n for n in names if n in listed['train']]
     count = min(max(round(len(pool) * sizes[1] / (sizes[0] + sizes[1])), 1), len(pool) - 1)
     val = stratified_sample(pool, count, rng)
-    return [n for n in pool if n not in set(val)], val, test
+    chosen = set(val)
+    return [n for n in pool if n not in chosen], val, test
 
 
 def stratified_sample(names, count, rng):
