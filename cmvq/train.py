@@ -244,8 +244,8 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
     like the seed's pickles (class_error, res_recon_error1/2, res_perplexity1/2).
     """
     num_epoch = num_epoch or cfg['num_epoch']
-    wrapped = distributed.wrap(model, runtime.device, sync_bn=cfg['sync_bn'])
-    trainer = runtime.compiled(wrapped)
+    # run_epoch goes on without torch.compile once the first compiled step fell back
+    trainer = runtime.compiled(distributed.wrap(model, runtime.device, sync_bn=cfg['sync_bn']))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['learning_rate'])
     history = {'train': {}, 'val': {}, 'mask': [], 'epoch_seconds': []}
@@ -260,9 +260,8 @@ def fit(model, loaders, runtime, variances, cfg, log, checkpoint, *, num_epoch=N
         set_epoch(loaders['train'], epoch)
         train, preds, targets, _ = run_epoch(trainer, loaders['train'], runtime, variances,
                                              cfg, optimizer, desc=f'epoch {epoch} train')
-        if trainer is not wrapped and runtime.compile_failure:  # its first step fell back
+        if epoch == first and runtime.compile_failure:  # the first compiled step fell back
             log(runtime.compile_failure)
-            trainer = wrapped
         val = evaluate(model, loaders['val'], runtime, variances, cfg, desc=f'epoch {epoch} val')
         for key, values in train.items():
             history['train'].setdefault(key, []).extend(values)
