@@ -55,7 +55,7 @@ def _optional_folder(v):
     return v is None or _folder(v)
 
 
-def _positive_int(v):
+def positive_int(v):
     """an int > 0"""
     return _int(v, 1)
 
@@ -65,7 +65,7 @@ def optional_positive_int(v):
     return v is None or _int(v, 1)
 
 
-def _non_negative_int(v):
+def non_negative_int(v):
     """an int >= 0"""
     return _int(v, 0)
 
@@ -140,15 +140,15 @@ CHOICES = {
     'data_path': _folder,
     'media_root': _optional_folder,
     'balanced': _balanced,
-    'num_epoch': _positive_int,
-    'batch_size': _positive_int,
+    'num_epoch': positive_int,
+    'batch_size': positive_int,
     'shuffle': (True, False),
     'learning_rate': _positive_float,
     'num_hiddens': _width,
     'num_residual_hiddens': _residual_hiddens,
-    'num_residual_layers': _non_negative_int,
+    'num_residual_layers': non_negative_int,
     'embedding_dim': _width,
-    'num_embeddings': _positive_int,
+    'num_embeddings': positive_int,
     'commitment_cost': _positive_float,
     'decay': _decay,
     'mask_scale': _positive_float,
@@ -160,10 +160,10 @@ CHOICES = {
     'modify_modal': (False, True),
     'audio_geometry': (None, *datasets.AUDIO_GEOMETRIES),
     'subsample': optional_positive_int,
-    'layer': _positive_int,
-    'seed': _non_negative_int,
+    'layer': positive_int,
+    'seed': non_negative_int,
     'device': _device,
-    'num_workers': _non_negative_int,
+    'num_workers': non_negative_int,
     'amp': ('auto', 'bf16', 'off'),
     'channels_last': ('auto', True, False),
     'compile': (False, True),
@@ -177,7 +177,7 @@ CHOICES = {
     'resume': _timestamp,
     'robustness': (False, True),
     'allow_split_change': (False, True),
-    'twin_actors': _non_negative_int,
+    'twin_actors': non_negative_int,
     'twin_root': _folder,
 }
 

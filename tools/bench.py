@@ -79,7 +79,7 @@ import datasets
 import main
 import model as models
 from cmvq import atomic, media
-from cmvq.config import model_config, optional_positive_int
+from cmvq.config import model_config, non_negative_int, optional_positive_int, positive_int
 from cmvq.configurator import configure, read_config_file
 from cmvq.cremad import prepare_twin
 from cmvq.errors import run_script
@@ -134,19 +134,9 @@ VARIANCES = (1.0, 1.0)  # the loss's scale does not change the step's cost
 STEP_CONFIG = {'dataset': 'CREMA-D', 'regularization': True, 'recon_loss': 'mse'}  # run_epoch's
 
 
-def _positive_int(v):
-    """a positive int"""
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _non_negative_int(v):
-    """an int >= 0"""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def _workers(v):
     """a tuple of ints >= 0, e.g. (0, 1, 2)"""
-    return isinstance(v, tuple) and len(v) > 0 and all(map(_non_negative_int, v))
+    return isinstance(v, tuple) and len(v) > 0 and all(map(non_negative_int, v))
 
 
 def _base_types(v):
@@ -154,16 +144,16 @@ def _base_types(v):
     return isinstance(v, tuple) and all(b in models.BASE_TYPES for b in v)
 
 
-CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': _non_negative_int,
-           'twin_actors': _positive_int, 'decode_clips': _positive_int,
-           'decode_rounds': _positive_int, 'loader_items': _positive_int,
-           'loader_workers': _workers, 'loader_batch_size': _positive_int,
-           'batch_size': _positive_int, 'cuda_batch_size': _positive_int,
+CHOICES = {'quick': (False, True), 'full': (False, True), 'seed': non_negative_int,
+           'twin_actors': positive_int, 'decode_clips': positive_int,
+           'decode_rounds': positive_int, 'loader_items': positive_int,
+           'loader_workers': _workers, 'loader_batch_size': positive_int,
+           'batch_size': positive_int, 'cuda_batch_size': positive_int,
            'base_types': _base_types, 'reference': (True, False),
-           'warmup_steps': _non_negative_int, 'train_steps': _positive_int,
-           'train_rounds': _positive_int, 'compile_base_types': _base_types,
+           'warmup_steps': non_negative_int, 'train_steps': positive_int,
+           'train_rounds': positive_int, 'compile_base_types': _base_types,
            'cpu_grid_base_types': _base_types, 'cpu_compile_base_types': _base_types,
-           'profile_steps': _non_negative_int, 'num_threads': _non_negative_int,
+           'profile_steps': non_negative_int, 'num_threads': non_negative_int,
            'full_epochs': optional_positive_int}
 
 

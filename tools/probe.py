@@ -49,7 +49,7 @@ import datasets
 import main
 import model as models
 from cmvq import atomic, plots
-from cmvq.config import CHOICES, TOOL_KEYS, model_config
+from cmvq.config import CHOICES, TOOL_KEYS, model_config, non_negative_int, positive_int
 from cmvq.configurator import ConfigError, configure
 from cmvq.errors import BadValueError, run_script
 from cmvq.loaders import make_datasets, make_loader, set_epoch
@@ -89,25 +89,15 @@ GROUND_TRUTH_SKIP = ('name', 'actor', 'sentence', 'emotion', 'level')  # CREMA-D
 CI = (2.5, 97.5)  # percentiles of the 95% bootstrap interval
 
 
-def _non_negative_int(v):
-    """an int >= 0"""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _positive_int(v):
-    """an int > 0"""
-    return _non_negative_int(v) and v > 0
-
-
 def _positive_float(v):
     """a number > 0"""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
-PROBE_CHOICES = {'probe_items': _positive_int, 'probe_epochs': _non_negative_int,
-                 'probe_seed': _non_negative_int, 'bootstrap': _positive_int,
+PROBE_CHOICES = {'probe_items': positive_int, 'probe_epochs': non_negative_int,
+                 'probe_seed': non_negative_int, 'bootstrap': positive_int,
                  'probe_C': _positive_float, 'probe_alpha': _positive_float,
-                 'probe_permutations': _non_negative_int}
+                 'probe_permutations': non_negative_int}
 
 
 def header():
